@@ -1,0 +1,116 @@
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from solver import LRSchedulerWithWarmup, make_optimizer, make_param_groups
+from solver.build import build_lr_scheduler, build_optimizer, irra_lr_rules
+from utils.errors import UserError
+from utils.options import get_args
+
+
+def epoch_lrs(scheduler, num_epoch):
+    """The rate each 1-based training epoch uses, stepping once per epoch as the trainer does."""
+    lrs = []
+    for _ in range(num_epoch):
+        lrs.append(scheduler.get_last_lr()[0])
+        scheduler.step()
+    return lrs
+
+
+def one_param_optimizer(lr=1e-5):
+    return torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=lr)
+
+
+def test_cosine_with_linear_warmup_matches_definition():
+    base, warm, total = 1e-5, 5, 60
+    sched = LRSchedulerWithWarmup(one_param_optimizer(base), mode="cosine", warmup_factor=0.1, warmup_epochs=warm,
+                                  warmup_method="linear", total_epochs=total, target_lr=0.0)
+    got = epoch_lrs(sched, total)
+    # Hand values: epoch 1 is 0.1·base, warmup reaches base at epoch 6, the cosine then decays towards 0.
+    assert got[0] == pytest.approx(1e-6)
+    assert got[2] == pytest.approx(base * (0.1 * 0.6 + 0.4))
+    assert got[5] == pytest.approx(base)
+    assert got[-1] == pytest.approx(base * 0.5 * (1 + math.cos(math.pi * 54 / 55)))
+    for epoch, lr in enumerate(got, start=1):
+        e = epoch - 1
+        if e < warm:
+            want = base * (0.1 * (1 - e / warm) + e / warm)
+        else:
+            want = base * 0.5 * (1 + math.cos(math.pi * (e - warm) / (total - warm)))
+        assert lr == pytest.approx(want, rel=1e-12)
+
+
+def test_step_schedule_and_constant_warmup():
+    sched = LRSchedulerWithWarmup(one_param_optimizer(1.0), milestones=(20, 50), gamma=0.1, mode="step",
+                                  warmup_factor=0.5, warmup_epochs=2, warmup_method="constant", total_epochs=60)
+    got = epoch_lrs(sched, 60)
+    assert got[:2] == [0.5, 0.5]
+    assert got[2] == 1.0 and got[19] == 1.0          # epochs 3..20 (last_epoch 2..19)
+    assert got[20] == pytest.approx(0.1)             # epoch 21: last_epoch 20 reached the first milestone
+    assert got[50] == pytest.approx(0.01)
+
+
+@pytest.mark.parametrize("mode", ["exp", "poly", "linear"])
+def test_other_schedules_match_definitions(mode):
+    base, warm, total, power, target = 2.0, 1, 11, 0.9, 0.5
+    sched = LRSchedulerWithWarmup(one_param_optimizer(base), mode=mode, warmup_factor=0.1, warmup_epochs=warm,
+                                  total_epochs=total, target_lr=target, power=power)
+    got = epoch_lrs(sched, total)
+    for e, lr in enumerate(got):
+        if e < warm:
+            continue
+        r = (e - warm) / (total - warm)
+        want = {"exp": base * power ** r, "linear": base * (1 - r),
+                "poly": target + (base - target) * power ** (1 - r)}[mode]
+        assert lr == pytest.approx(want)
+
+
+def test_scheduler_rejects_bad_settings():
+    with pytest.raises(UserError, match="increasing"):
+        LRSchedulerWithWarmup(one_param_optimizer(), milestones=(50, 20))
+    with pytest.raises(UserError, match="lrscheduler"):
+        LRSchedulerWithWarmup(one_param_optimizer(), mode="triangle")
+    with pytest.raises(UserError, match="warmup_epochs"):
+        LRSchedulerWithWarmup(one_param_optimizer(), mode="cosine", warmup_epochs=10, total_epochs=10)
+
+
+class Named(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.base = nn.Linear(2, 2)
+        self.cross_attn = nn.Linear(2, 2)
+        self.classifier = nn.Linear(2, 3)
+        self.frozen = nn.Linear(2, 2)
+        self.frozen.requires_grad_(False)
+
+
+def test_param_groups_follow_irra_rules_in_order():
+    groups = make_param_groups(Named(), lr=1.0, weight_decay=0.1, weight_decay_bias=0.0,
+                               rules=irra_lr_rules(lr_factor=5.0, bias_lr_factor=2.0))
+    by_name = {g["name"]: g for g in groups}
+    assert set(by_name) == {"base.weight", "base.bias", "cross_attn.weight", "cross_attn.bias",
+                            "classifier.weight", "classifier.bias"}          # frozen ones are skipped
+    assert by_name["base.weight"]["lr"] == 1.0 and by_name["base.weight"]["weight_decay"] == 0.1
+    assert by_name["base.bias"]["lr"] == 2.0 and by_name["base.bias"]["weight_decay"] == 0.0
+    assert by_name["cross_attn.weight"]["lr"] == 5.0
+    assert by_name["cross_attn.bias"]["lr"] == 2.0        # the bias rule comes after the cross rule
+    assert by_name["classifier.bias"]["lr"] == 5.0        # the classifier rule comes last and wins
+    assert by_name["classifier.bias"]["weight_decay"] == 0.0
+
+
+def test_optimizers_and_adapters():
+    args = get_args(["--optimizer", "Adam", "--lr", "0.001", "--MLM"])
+    model = Named()
+    opt = build_optimizer(args, model)
+    assert isinstance(opt, torch.optim.Adam) and opt.defaults["eps"] == 1e-3
+    assert opt.defaults["betas"] == (0.9, 0.999)
+    sched = build_lr_scheduler(args, opt)
+    assert sched.get_last_lr()[0] == pytest.approx(0.001 * 0.1)
+    groups = make_param_groups(model, 1.0, 0.0, 0.0, [])
+    assert isinstance(make_optimizer(groups, "AdamW", 1.0), torch.optim.AdamW)
+    assert make_optimizer(groups, "AdamW", 1.0).defaults["eps"] == 1e-8
+    assert isinstance(make_optimizer(groups, "SGD", 1.0), torch.optim.SGD)
+    with pytest.raises(UserError, match="optimizer"):
+        make_optimizer(groups, "Lion", 1.0)
