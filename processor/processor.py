@@ -1,0 +1,158 @@
+"""The training loop and test-time inference.
+
+Everything the loop needs arrives as arguments; it only reads the few schedule options (``num_epoch``,
+``log_period``, ``eval_period``) from ``args``. The log lines keep IRRA's form
+(``Epoch[e] Iteration[i/N], loss: …, sdm_loss: …, Base Lr: …``) because people parse them.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+
+import torch
+from tqdm import tqdm
+
+from utils.checkpoint import Checkpointer, unwrap_model
+from utils.comm import DistEnv, synchronize
+from utils.errors import UserError
+from utils.precision import Precision
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class RunningMeans:
+    """Per-key running means of the values a model returns, summed on the device (one sync per log line).
+
+    Keys ending in ``_loss`` and ``loss`` are weighted by the batch size; ``mlm_acc`` by 1 per step (IRRA does
+    this: its masked-token count varies per batch); other accuracies by the batch size.
+    """
+
+    sums: dict[str, torch.Tensor] = field(default_factory=dict)
+    counts: dict[str, float] = field(default_factory=dict)
+
+    def update(self, values: dict[str, torch.Tensor], batch_size: int) -> None:
+        for key, value in values.items():
+            if not (key == "loss" or key.endswith("_loss") or key.endswith("_acc")):
+                continue
+            weight = 1 if key == "mlm_acc" else batch_size
+            value = value.detach().float() * weight
+            self.sums[key] = self.sums[key] + value if key in self.sums else value
+            self.counts[key] = self.counts.get(key, 0) + weight
+
+    def means(self) -> dict[str, float]:
+        if not self.sums:
+            return {}
+        stacked = torch.stack([self.sums[k] for k in self.sums]).cpu().tolist()
+        return {k: s / self.counts[k] for k, s in zip(self.sums, stacked)}
+
+
+def format_progress(epoch: int, iteration: int, num_iterations: int, means: dict[str, float], lr: float) -> str:
+    """IRRA's progress line: ``Epoch[e] Iteration[i/N], loss: x, <key>: x, …, Base Lr: x``."""
+    parts = [f"Epoch[{epoch}] Iteration[{iteration}/{num_iterations}]"]
+    parts += [f"{key}: {value:.4f}" for key, value in means.items() if value > 0]
+    parts.append(f"Base Lr: {lr:.2e}")
+    return ", ".join(parts)
+
+
+def train_one_epoch(model, train_loader, optimizer, precision: Precision, scaler, device: torch.device,
+                    epoch: int, log_period: int, lr: float, show_progress: bool) -> tuple[dict[str, float], dict, int]:
+    """Run one epoch; returns the epoch's means, the last step's outputs and the number of steps."""
+    model.train()
+    meters = RunningMeans()
+    num_iterations = len(train_loader)
+    bar = tqdm(train_loader, total=num_iterations, desc=f"epoch {epoch}", leave=False, dynamic_ncols=True,
+               disable=None if show_progress else True)
+    ret: dict = {}
+    step = 0
+    for step, batch in enumerate(bar, start=1):
+        batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+        with precision.autocast():
+            ret = model(batch)
+            total_loss = sum(v for k, v in ret.items() if k.endswith("_loss"))
+        ret["loss"] = total_loss
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(total_loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+        meters.update(ret, batch["images"].shape[0])
+        if step % log_period == 0 or step == num_iterations:
+            means = meters.means()
+            if not math.isfinite(means.get("loss", 0.0)):
+                raise UserError(f"the training loss became {means['loss']} in epoch {epoch}, iteration {step}; "
+                                f"lower --lr, or train with --precision fp32 or amp instead of fp16")
+            if step % log_period == 0:
+                logger.info(format_progress(epoch, step, num_iterations, means, lr))
+            bar.set_postfix(loss=f"{means.get('loss', 0.0):.3f}")
+    bar.close()
+    return meters.means(), ret, step
+
+
+def do_train(start_epoch: int, args, model, train_loader, evaluator, optimizer, scheduler,
+             checkpointer: Checkpointer, precision: Precision, env: DistEnv, scaler=None, tb_writer=None,
+             best_top1: float = 0.0, best_epoch: int = 0) -> tuple[float, int]:
+    """Train from ``start_epoch`` to ``args.num_epoch`` (1-based, inclusive); returns (best Rank-1, its epoch).
+
+    Each epoch ends with ``last.pth`` (everything needed to resume); ``best.pth`` is written when the
+    validation Rank-1 improves. Only rank 0 evaluates, logs to TensorBoard and writes; other ranks wait once
+    per evaluation.
+    """
+    scaler = scaler if scaler is not None else precision.grad_scaler()
+    global_batch = getattr(args, "batch_size", None)
+    logger.info("Start training: epochs %d..%d, %d iterations per epoch", start_epoch, args.num_epoch, len(train_loader))
+    for epoch in range(start_epoch, args.num_epoch + 1):
+        sampler = getattr(train_loader, "sampler", None)
+        if hasattr(sampler, "set_epoch"):
+            sampler.set_epoch(epoch)
+        batch_sampler = getattr(train_loader, "batch_sampler", None)
+        if hasattr(batch_sampler, "set_epoch"):
+            batch_sampler.set_epoch(epoch)
+        lr = scheduler.get_last_lr()[0]
+        start = time.time()
+        means, ret, steps = train_one_epoch(model, train_loader, optimizer, precision, scaler, env.device, epoch,
+                                            args.log_period, lr, show_progress=env.is_main)
+        elapsed = time.time() - start
+        scheduler.step()
+        if env.is_main:
+            per_batch = elapsed / max(steps, 1)
+            samples = global_batch or train_loader.batch_size
+            logger.info("Epoch %d done. Time per batch: %.3f[s] Speed: %.1f[samples/s]", epoch, per_batch,
+                        samples / per_batch if per_batch > 0 else float("nan"))
+            if tb_writer is not None:
+                tb_writer.add_scalar("lr", lr, epoch)
+                if "temperature" in ret:
+                    tb_writer.add_scalar("temperature", float(ret["temperature"]), epoch)
+                for key, value in means.items():
+                    tb_writer.add_scalar(key, value, epoch)
+        if epoch % args.eval_period == 0 or epoch == args.num_epoch:
+            if env.is_main:
+                logger.info("Validation Results - Epoch: %d", epoch)
+                top1 = evaluator.eval(unwrap_model(model))
+                results = getattr(evaluator, "last_results", {}).get("t2i", {})
+                if tb_writer is not None:
+                    tb_writer.add_scalar("val/R1", top1, epoch)
+                    for key in ("R5", "R10", "mAP", "mINP"):
+                        if key in results:
+                            tb_writer.add_scalar(f"val/{key}", results[key], epoch)
+                if top1 > best_top1:
+                    best_top1, best_epoch = top1, epoch
+                    checkpointer.save("best", epoch=epoch, num_epoch=args.num_epoch, best_top1=best_top1,
+                                      best_epoch=best_epoch)
+            synchronize()
+        checkpointer.save("last", epoch=epoch, num_epoch=args.num_epoch, best_top1=best_top1, best_epoch=best_epoch)
+        if tb_writer is not None:
+            tb_writer.flush()
+    if env.is_main:
+        logger.info("best R1: %.3f at epoch %d", best_top1, best_epoch)
+    return best_top1, best_epoch
+
+
+def do_inference(model, test_img_loader, test_txt_loader, autocast=None, chunk_size=None, i2t_metric: bool = False):
+    """Evaluate ``model`` on the test loaders; returns the Evaluator (its ``last_results`` hold every metric)."""
+    from utils.metrics import Evaluator
+
+    evaluator = Evaluator(test_img_loader, test_txt_loader, autocast=autocast, chunk_size=chunk_size)
+    evaluator.eval(unwrap_model(model), i2t_metric=i2t_metric)
+    return evaluator
