@@ -5,3 +5,15 @@ import sys
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
+
+import pytest
+import torch
+
+
+@pytest.fixture(autouse=True)
+def single_thread():
+    """Tests use tiny models: one thread is fastest for them and leaves the other core to loader workers."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
