@@ -17,6 +17,7 @@ from torch import nn
 from model import objectives
 from model.clip_model import CLIP, CLIPConfig, build_clip, convert_weights_to_fp16
 from model.layers import LayerNorm, MultiheadAttention, QuickGELU, Transformer, heads_for_width, init_attention_
+from utils.comm import all_gather_no_grad, all_gather_with_grad
 from utils.errors import UserError
 
 logger = logging.getLogger(__name__)
@@ -153,15 +154,19 @@ class IRRA(nn.Module):
         weights = self.loss_weights
         out: dict[str, torch.Tensor] = {"temperature": torch.tensor(self.temperature, device=image_feats.device)}
 
+        # The matching losses see the global batch: under torch.distributed the features of every process
+        # are gathered (gradients flow back to the local ones); in one process these are the local tensors.
+        all_image, all_text = all_gather_with_grad(image_feats), all_gather_with_grad(text_feats)
+        all_pids = all_gather_no_grad(pids)
         # Similarities and logits in float32 even under autocast (the features are float32 already).
         with torch.autocast(device_type=image_feats.device.type, enabled=False):
             if "itc" in self.loss_names:
-                out["itc_loss"] = objectives.compute_itc(image_feats, text_feats, self.logit_scale) * weights["itc"]
+                out["itc_loss"] = objectives.compute_itc(all_image, all_text, self.logit_scale) * weights["itc"]
             if "sdm" in self.loss_names:
-                sdm = objectives.compute_sdm(image_feats, text_feats, pids, self.logit_scale)
+                sdm = objectives.compute_sdm(all_image, all_text, all_pids, self.logit_scale)
                 out["sdm_loss"] = sdm * weights["sdm"]
             if "cmpm" in self.loss_names:
-                out["cmpm_loss"] = objectives.compute_cmpm(image_feats, text_feats, pids) * weights["cmpm"]
+                out["cmpm_loss"] = objectives.compute_cmpm(all_image, all_text, all_pids) * weights["cmpm"]
             if "id" in self.loss_names:
                 if bool(((pids < 0) | (pids >= self.num_classes)).any()):
                     raise UserError(
@@ -172,8 +177,8 @@ class IRRA(nn.Module):
                 image_logits = self._classify(image_feats)
                 text_logits = self._classify(text_feats)
                 out["id_loss"] = objectives.compute_id(image_logits, text_logits, pids) * weights["id"]
-                out["img_acc"] = (image_logits.argmax(dim=1) == pids).float().mean()
-                out["txt_acc"] = (text_logits.argmax(dim=1) == pids).float().mean()
+                out["img_acc"] = all_gather_no_grad((image_logits.argmax(dim=1) == pids).float()).mean()
+                out["txt_acc"] = all_gather_no_grad((text_logits.argmax(dim=1) == pids).float()).mean()
         if "mlm" in self.loss_names:
             fused = self.cross_former(self.base_model.encode_text(batch["mlm_ids"]), image_tokens)
             labels = batch["mlm_labels"]

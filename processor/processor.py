@@ -130,6 +130,9 @@ def do_train(start_epoch: int, args, model, train_loader, evaluator, optimizer, 
             if env.is_main:
                 logger.info("Validation Results - Epoch: %d", epoch)
                 top1 = evaluator.eval(unwrap_model(model))
+                report = getattr(unwrap_model(model), "training_report", None)
+                if callable(report):
+                    logger.info(report())
                 results = getattr(evaluator, "last_results", {}).get("t2i", {})
                 if tb_writer is not None:
                     tb_writer.add_scalar("val/R1", top1, epoch)

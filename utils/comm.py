@@ -92,3 +92,40 @@ def synchronize() -> None:
 def shutdown() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+
+
+def all_gather_with_grad(tensor: torch.Tensor) -> torch.Tensor:
+    """Concatenate ``tensor`` [n_r, ...] from every rank along dim 0, in rank order; gradients flow back.
+
+    Ranks may hold different ``n_r`` (the last batch of an epoch): sizes are exchanged first and shorter
+    tensors padded, then the padding is dropped. In a single process this returns ``tensor`` itself.
+    The backward pass sums, on each rank, the gradients every rank computed for that rank's rows, so with
+    DDP's gradient averaging a loss computed on the gathered batch gives the single-process gradients.
+    """
+    if get_world_size() == 1:
+        return tensor
+    import torch.distributed.nn.functional as dist_fn
+
+    sizes = _gather_sizes(tensor.shape[0], tensor.device)
+    longest = max(sizes)
+    padded = tensor
+    if tensor.shape[0] < longest:
+        pad = tensor.new_zeros((longest - tensor.shape[0], *tensor.shape[1:]))
+        padded = torch.cat([tensor, pad], dim=0)
+    parts = dist_fn.all_gather(padded)
+    return torch.cat([part[:n] for part, n in zip(parts, sizes)], dim=0)
+
+
+def all_gather_no_grad(tensor: torch.Tensor) -> torch.Tensor:
+    """Like :func:`all_gather_with_grad` for tensors that need no gradient (ids, hit indicators)."""
+    if get_world_size() == 1:
+        return tensor
+    with torch.no_grad():
+        return all_gather_with_grad(tensor.detach())
+
+
+def _gather_sizes(n: int, device: torch.device) -> list[int]:
+    local = torch.tensor([n], device=device, dtype=torch.long)
+    sizes = [torch.zeros_like(local) for _ in range(get_world_size())]
+    dist.all_gather(sizes, local)
+    return [int(s.item()) for s in sizes]
