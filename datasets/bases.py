@@ -1,0 +1,295 @@
+"""Image reading, caption tokenisation, MLM masking and the three torch datasets.
+
+* :func:`read_image` opens one image as RGB, or raises :class:`UserError` naming the file.
+* :func:`tokenize` / :func:`tokenize_captions` turn captions into ``LongTensor[text_length]`` rows
+  (``<|startoftext|>`` + ids + ``<|endoftext|>``, zero padded).
+* :class:`MaskingConfig` and :func:`mask_tokens` implement IRRA's MLM corruption, with the
+  ``masked_token_rate`` / ``masked_token_unchanged_rate`` knobs actually doing what they say.
+* :class:`ImageDataset`, :class:`TextDataset`, :class:`ImageTextDataset` are the map-style datasets
+  the loaders wrap. Captions are tokenised once, when a dataset is built, never per item.
+
+Randomness of the masking (see :meth:`ImageTextDataset._generator`): every process that reads items
+owns one ``torch.Generator``. In a DataLoader worker it is seeded with ``worker_info.seed``, which the
+DataLoader sets to ``base_seed + worker_id`` where ``base_seed`` is drawn from the loader's own seeded
+generator each time an iterator starts; so workers draw different streams, a fresh (non-persistent)
+set of workers draws new streams every epoch, persistent workers simply continue theirs, and the whole
+run is reproducible from the loader generator's seed. In the main process (``num_workers=0``) the
+generator is seeded with the dataset's ``seed`` argument. A generator is tied to the process and
+worker that created it, so a dataset pickled into workers after being used in the parent never
+replays the parent's stream.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from typing import Callable, Optional, Sequence
+
+import torch
+from PIL import Image, UnidentifiedImageError
+from torch.utils.data import Dataset, get_worker_info
+
+from utils.errors import UserError
+
+logger = logging.getLogger(__name__)
+
+MASK_TOKEN_ID = 49405
+SOT_TOKEN_ID = 49406
+EOT_TOKEN_ID = 49407
+
+# (pid, image_id, img_path, caption): one training sample per caption.
+TrainSample = tuple[int, int, str, str]
+
+
+def read_image(path: str | os.PathLike) -> Image.Image:
+    """Open the image at ``path`` and return it as an RGB PIL image.
+
+    Raises:
+        UserError: the file does not exist or is not a readable image (one attempt, no retry loop).
+    """
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise UserError(
+            f"Image file not found: '{path}'. Check --root_dir and that the dataset's 'imgs' folder "
+            "holds every file named in the annotation file."
+        )
+    try:
+        with Image.open(path) as img:
+            return img.convert("RGB")
+    except (UnidentifiedImageError, OSError, ValueError) as err:
+        raise UserError(
+            f"Cannot read image '{path}' ({err}). The file is damaged or not an image; "
+            "replace it with a good copy from the dataset archive."
+        ) from err
+
+
+def _load_default_tokenizer():
+    from utils.simple_tokenizer import SimpleTokenizer
+
+    return SimpleTokenizer()
+
+
+def tokenize(caption: str, tokenizer, text_length: int = 77, truncate: bool = True) -> torch.Tensor:
+    """Encode one caption as ``LongTensor[text_length]``: sot, BPE ids, eot, then zeros.
+
+    A caption longer than ``text_length`` tokens (sot and eot included) is cut to ``text_length``
+    with eot as its last token when ``truncate`` is true.
+
+    Raises:
+        UserError: the caption is too long and ``truncate`` is false, or ``text_length < 2``.
+    """
+    if text_length < 2:
+        raise UserError(f"text_length must be at least 2 (start and end tokens), got {text_length}; fix --text_length.")
+    sot = tokenizer.encoder["<|startoftext|>"]
+    eot = tokenizer.encoder["<|endoftext|>"]
+    tokens = [sot, *tokenizer.encode(caption), eot]
+    if len(tokens) > text_length:
+        if not truncate:
+            raise UserError(
+                f"Caption is {len(tokens)} tokens long (with start/end tokens) but text_length is "
+                f"{text_length}: '{caption[:80]}'. Raise --text_length or allow truncation."
+            )
+        tokens = tokens[:text_length]
+        tokens[-1] = eot
+    result = torch.zeros(text_length, dtype=torch.long)
+    result[: len(tokens)] = torch.tensor(tokens, dtype=torch.long)
+    return result
+
+
+def tokenize_captions(
+    captions: Sequence[str], tokenizer=None, text_length: int = 77, truncate: bool = True
+) -> torch.Tensor:
+    """Tokenise many captions at once; identical captions are encoded only once.
+
+    Returns:
+        ``LongTensor[len(captions), text_length]``.
+    """
+    tokenizer = _load_default_tokenizer() if tokenizer is None else tokenizer
+    rows: dict[str, torch.Tensor] = {}
+    out = torch.zeros(len(captions), text_length, dtype=torch.long)
+    for i, caption in enumerate(captions):
+        row = rows.get(caption)
+        if row is None:
+            row = rows[caption] = tokenize(caption, tokenizer, text_length, truncate)
+        out[i] = row
+    logger.debug("Tokenised %d captions (%d distinct)", len(captions), len(rows))
+    return out
+
+
+@dataclass(frozen=True)
+class MaskingConfig:
+    """IRRA's MLM corruption (BERT style).
+
+    Every token with ``0 < id < mask_token_id`` (not padding, sot, eot or mask) is selected with
+    probability ``mlm_probability``. A selected token becomes ``mask_token_id`` with probability
+    ``masked_token_rate``, stays unchanged with probability ``masked_token_unchanged_rate``, and
+    otherwise becomes a random id drawn uniformly from ``[1, mask_token_id - 1]``.
+    """
+
+    mlm_probability: float = 0.15
+    masked_token_rate: float = 0.8
+    masked_token_unchanged_rate: float = 0.1
+    mask_token_id: int = MASK_TOKEN_ID
+
+    def __post_init__(self) -> None:
+        for name in ("mlm_probability", "masked_token_rate", "masked_token_unchanged_rate"):
+            value = getattr(self, name)
+            if not 0.0 <= value <= 1.0:
+                raise UserError(f"--{name} must be in [0, 1], got {value}.")
+        total = self.masked_token_rate + self.masked_token_unchanged_rate
+        if total > 1.0 + 1e-9:
+            raise UserError(
+                f"--masked_token_rate ({self.masked_token_rate}) + --masked_token_unchanged_rate "
+                f"({self.masked_token_unchanged_rate}) = {total} exceeds 1; the rest is the share of random "
+                "replacements, so lower one of them."
+            )
+        if self.mask_token_id < 2:
+            raise UserError(f"mask_token_id must be at least 2, got {self.mask_token_id}.")
+
+
+def mask_tokens(
+    tokens: torch.Tensor, config: MaskingConfig, generator: Optional[torch.Generator] = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Corrupt one tokenised caption for masked language modelling.
+
+    Args:
+        tokens: ``LongTensor[L]`` caption ids (sot, ids, eot, zero padding). Not modified.
+        config: selection and replacement rates.
+        generator: random stream to draw from (``None``: torch's global generator).
+
+    Returns:
+        ``(mlm_ids, mlm_labels)``, both ``LongTensor[L]``: the corrupted caption, and the original id at
+        every selected position with 0 elsewhere. When no token is selected, position 1 is replaced by
+        the mask token and labelled with its original id (as IRRA does).
+    """
+    length = tokens.shape[0]
+    eligible = (tokens > 0) & (tokens < config.mask_token_id)
+    selected = eligible & (torch.rand(length, generator=generator) < config.mlm_probability)
+    choice = torch.rand(length, generator=generator)
+    random_ids = torch.randint(1, config.mask_token_id, (length,), generator=generator)
+
+    to_mask = selected & (choice < config.masked_token_rate)
+    keep_until = config.masked_token_rate + config.masked_token_unchanged_rate
+    to_random = selected & (choice >= keep_until)
+
+    mlm_ids = torch.where(to_mask, torch.full_like(tokens, config.mask_token_id), tokens)
+    mlm_ids = torch.where(to_random, random_ids, mlm_ids)
+    labels = torch.where(selected, tokens, torch.zeros_like(tokens))
+    if not bool(selected.any()) and length > 1:
+        labels[1] = tokens[1]
+        mlm_ids[1] = config.mask_token_id
+    return mlm_ids, labels
+
+
+class ImageDataset(Dataset):
+    """Images of an evaluation split; item ``i`` is ``(pid: int, image: Tensor[3, H, W])``."""
+
+    def __init__(self, image_pids: Sequence[int], img_paths: Sequence[str], transform: Optional[Callable] = None):
+        if len(image_pids) != len(img_paths):
+            raise ValueError(f"{len(image_pids)} image pids but {len(img_paths)} image paths")
+        self.image_pids = list(image_pids)
+        self.img_paths = list(img_paths)
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.image_pids)
+
+    def __getitem__(self, index: int):
+        img = read_image(self.img_paths[index])
+        if self.transform is not None:
+            img = self.transform(img)
+        return self.image_pids[index], img
+
+
+class TextDataset(Dataset):
+    """Captions of an evaluation split; item ``i`` is ``(pid: int, caption_ids: LongTensor[text_length])``.
+
+    All captions are tokenised in the constructor.
+    """
+
+    def __init__(
+        self,
+        caption_pids: Sequence[int],
+        captions: Sequence[str],
+        text_length: int = 77,
+        truncate: bool = True,
+        tokenizer=None,
+    ):
+        if len(caption_pids) != len(captions):
+            raise ValueError(f"{len(caption_pids)} caption pids but {len(captions)} captions")
+        self.caption_pids = list(caption_pids)
+        self.caption_ids = tokenize_captions(captions, tokenizer, text_length, truncate)
+
+    def __len__(self) -> int:
+        return len(self.caption_pids)
+
+    def __getitem__(self, index: int):
+        return self.caption_pids[index], self.caption_ids[index]
+
+
+class ImageTextDataset(Dataset):
+    """Training pairs: one item per caption.
+
+    Item ``i`` is a dict with ``pids`` (int), ``image_ids`` (int), ``images`` (``Tensor[3, H, W]`` after
+    ``transform``) and ``caption_ids`` (``LongTensor[text_length]``). With ``masking`` set it also has
+    ``mlm_ids`` and ``mlm_labels`` (``LongTensor[text_length]``, see :func:`mask_tokens`). Faithful to
+    IRRA's released code, ``caption_ids`` then equals ``mlm_ids`` (IRRA masks the caption in place, so
+    the global losses see the masked caption); ``keep_caption_unmasked=True`` gives the clean caption.
+
+    Args:
+        samples: ``(pid, image_id, img_path, caption)`` tuples, e.g. ``build_dataset(...).train``.
+        transform: image transform (PIL image -> tensor).
+        text_length, truncate, tokenizer: see :func:`tokenize`; ``tokenizer=None`` loads SimpleTokenizer.
+        masking: MLM corruption settings, or ``None`` for no MLM fields.
+        keep_caption_unmasked: return the clean caption as ``caption_ids`` even with masking.
+        seed: seed of the masking stream when items are read in the main process (see module docstring).
+    """
+
+    def __init__(
+        self,
+        samples: Sequence[TrainSample],
+        transform: Optional[Callable] = None,
+        text_length: int = 77,
+        truncate: bool = True,
+        tokenizer=None,
+        masking: Optional[MaskingConfig] = None,
+        keep_caption_unmasked: bool = False,
+        seed: int = 0,
+    ):
+        self.samples = list(samples)
+        self.pids = [s[0] for s in self.samples]
+        self.transform = transform
+        self.masking = masking
+        self.keep_caption_unmasked = keep_caption_unmasked
+        self.seed = seed
+        self.caption_ids = tokenize_captions([s[3] for s in self.samples], tokenizer, text_length, truncate)
+        self._rng: Optional[torch.Generator] = None
+        self._rng_owner: Optional[tuple] = None
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def _generator(self) -> torch.Generator:
+        """The masking stream of the current process / DataLoader worker (created on first use)."""
+        info = get_worker_info()
+        owner = (os.getpid(), None) if info is None else (os.getpid(), info.id, info.seed)
+        if self._rng is None or self._rng_owner != owner:
+            seed = self.seed if info is None else info.seed
+            self._rng = torch.Generator().manual_seed(seed)
+            self._rng_owner = owner
+        return self._rng
+
+    def __getitem__(self, index: int) -> dict:
+        pid, image_id, img_path, _ = self.samples[index]
+        img = read_image(img_path)
+        if self.transform is not None:
+            img = self.transform(img)
+        caption = self.caption_ids[index].clone()
+        item = {"pids": pid, "image_ids": image_id, "images": img, "caption_ids": caption}
+        if self.masking is not None:
+            mlm_ids, mlm_labels = mask_tokens(caption, self.masking, self._generator())
+            item["mlm_ids"] = mlm_ids
+            item["mlm_labels"] = mlm_labels
+            if not self.keep_caption_unmasked:
+                item["caption_ids"] = mlm_ids.clone()
+        return item

@@ -1,0 +1,279 @@
+"""One parser for the three text-to-image person retrieval benchmarks.
+
+The benchmarks differ only in the annotation file name, the JSON key of the image path, the number
+subtracted from training identity ids and whether a validation split exists. Each is a
+:class:`PedesSpec` in :data:`DATASETS`; :class:`PedesDataset` reads any of them.
+
+Layout under ``root``::
+
+    CUHK-PEDES/imgs/...   CUHK-PEDES/reid_raw.json          (file_path; train ids from 1)
+    ICFG-PEDES/imgs/...   ICFG-PEDES/ICFG-PEDES.json        (file_path; no val split)
+    RSTPReid/imgs/...     RSTPReid/data_captions.json       (img_path)
+
+Each annotation file is a JSON list of entries ``{"split", "captions", "id", <path key>, ...}``.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import dataclass
+from typing import Any, Optional
+
+from prettytable import PrettyTable
+
+from datasets.bases import TrainSample
+from utils.errors import UserError
+
+logger = logging.getLogger(__name__)
+
+SPLITS = ("train", "val", "test")
+
+
+@dataclass(frozen=True)
+class PedesSpec:
+    """What distinguishes one benchmark's files.
+
+    Attributes:
+        name: folder name under the root, also the ``--dataset_name`` value.
+        annotation_files: accepted annotation file names, tried in order.
+        path_key: JSON key holding the image path relative to ``imgs/``.
+        train_id_offset: subtracted from training ids so that classes are 0..N-1.
+        has_val: whether the benchmark defines a validation split.
+        reference: where the benchmark comes from.
+    """
+
+    name: str
+    annotation_files: tuple[str, ...]
+    path_key: str
+    train_id_offset: int
+    has_val: bool
+    reference: str
+
+
+DATASETS: dict[str, PedesSpec] = {
+    spec.name: spec
+    for spec in (
+        PedesSpec(
+            name="CUHK-PEDES",
+            annotation_files=("reid_raw.json",),
+            path_key="file_path",
+            train_id_offset=1,
+            has_val=True,
+            reference="Li et al., Person Search With Natural Language Description, CVPR 2017",
+        ),
+        PedesSpec(
+            name="ICFG-PEDES",
+            annotation_files=("ICFG-PEDES.json", "ICFG_PEDES.json"),
+            path_key="file_path",
+            train_id_offset=0,
+            has_val=False,
+            reference="Ding et al., Semantically Self-Aligned Network for Text-to-Image Part-aware "
+            "Person Re-identification, arXiv 2107.12666",
+        ),
+        PedesSpec(
+            name="RSTPReid",
+            annotation_files=("data_captions.json",),
+            path_key="img_path",
+            train_id_offset=0,
+            has_val=True,
+            reference="Zhu et al., DSSL: Deep Surroundings-person Separation Learning for Text-based "
+            "Person Retrieval, ACM MM 2021",
+        ),
+    )
+}
+
+
+def get_spec(name: str) -> PedesSpec:
+    """The description of benchmark ``name``; UserError listing the known names otherwise."""
+    try:
+        return DATASETS[name]
+    except KeyError:
+        raise UserError(
+            f"Unknown dataset name '{name}'. Known datasets: {', '.join(DATASETS)} (fix --dataset_name)."
+        ) from None
+
+
+def read_annotations(path: str) -> list[dict[str, Any]]:
+    """Load an annotation file: a JSON list of objects.
+
+    Raises:
+        UserError: unreadable file, malformed JSON (with line and column), or not a list of objects.
+    """
+    try:
+        with open(path, "r", encoding="utf-8") as handle:
+            data = json.load(handle)
+    except json.JSONDecodeError as err:
+        raise UserError(
+            f"Annotation file '{path}' is not valid JSON: {err.msg} at line {err.lineno}, column {err.colno}. "
+            "Re-download or regenerate the file."
+        ) from err
+    except (OSError, UnicodeDecodeError) as err:
+        raise UserError(f"Cannot read annotation file '{path}' ({err}).") from err
+    if not isinstance(data, list):
+        raise UserError(
+            f"Annotation file '{path}' must hold a JSON list of entries, found a {type(data).__name__}."
+        )
+    for index, entry in enumerate(data):
+        if not isinstance(entry, dict):
+            raise UserError(
+                f"Annotation file '{path}': entry {index} must be a JSON object, found {type(entry).__name__}."
+            )
+    return data
+
+
+def _first_gap(pids: set[int]) -> int:
+    """Smallest integer >= 0 missing from ``pids`` (a set of non-negative integers)."""
+    expected = 0
+    for pid in sorted(pids):
+        if pid != expected:
+            return expected
+        expected += 1
+    return expected
+
+
+class PedesDataset:
+    """A parsed benchmark.
+
+    Attributes:
+        train: ``(pid, image_id, img_path, caption)`` per caption, in file order; pids are 0..N-1 and
+            ``image_id`` numbers the training images from 0.
+        val, test: dicts with ``image_pids``, ``img_paths`` (one per image) and ``caption_pids``,
+            ``captions`` (one per caption), ids as in the file; ``val`` is ``None`` when the file has no
+            validation entries.
+        train_id_container: the set of training pids; ``num_classes`` is its size.
+    """
+
+    def __init__(self, root: str | os.PathLike, spec: PedesSpec, verbose: bool = True):
+        self.spec = spec
+        self.root = os.fspath(root)
+        self.dataset_dir = os.path.join(self.root, spec.name)
+        self.img_dir = os.path.join(self.dataset_dir, "imgs")
+        self.anno_path = self._check_files()
+
+        by_split: dict[str, list[dict[str, Any]]] = {split: [] for split in SPLITS}
+        for index, entry in enumerate(read_annotations(self.anno_path)):
+            self._check_entry(index, entry)
+            by_split[entry["split"]].append(entry)
+        self.num_images = {split: len(entries) for split, entries in by_split.items()}
+
+        self.train, self.train_id_container = self._train_samples(by_split["train"])
+        self.test, self.test_id_container = self._eval_split(by_split["test"])
+        self.val: Optional[dict[str, list]] = None
+        self.val_id_container: set[int] = set()
+        if by_split["val"]:
+            self.val, self.val_id_container = self._eval_split(by_split["val"])
+        if verbose:
+            logger.info("%s loaded from %s", spec.name, self.anno_path)
+            logger.info("%s statistics:\n%s", spec.name, self.statistics_table())
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.train_id_container)
+
+    def split(self, name: str) -> dict[str, list]:
+        """The ``'val'`` or ``'test'`` split dict.
+
+        Raises:
+            UserError: unknown split name, or the split has no entries.
+        """
+        if name not in ("val", "test"):
+            raise UserError(f"Unknown evaluation split '{name}'; use 'test' or 'val' (fix --val_dataset).")
+        data = self.val if name == "val" else self.test
+        if data is None or not data["captions"]:
+            why = (
+                f"{self.spec.name} defines no validation split"
+                if name == "val" and not self.spec.has_val
+                else f"'{self.anno_path}' has no entries with split '{name}'"
+            )
+            other = "test" if name == "val" else "val"
+            raise UserError(f"Cannot evaluate on the '{name}' split: {why}. Use --val_dataset {other}.")
+        return data
+
+    def statistics_table(self) -> str:
+        """ids / images / captions per split, as a prettytable string."""
+        table = PrettyTable(["subset", "ids", "images", "captions"])
+        table.add_row(["train", len(self.train_id_container), self.num_images["train"], len(self.train)])
+        for name, data, ids in (("val", self.val, self.val_id_container), ("test", self.test, self.test_id_container)):
+            captions = len(data["captions"]) if data else 0
+            table.add_row([name, len(ids), self.num_images[name], captions])
+        return str(table)
+
+    def _check_files(self) -> str:
+        if not os.path.isdir(self.root):
+            raise UserError(f"Dataset root '{self.root}' does not exist; fix --root_dir.")
+        if not os.path.isdir(self.dataset_dir):
+            raise UserError(
+                f"Dataset folder '{self.dataset_dir}' not found: --root_dir must contain a '{self.spec.name}' "
+                "folder (or generate a synthetic one with `python -m datasets.synthetic --root DIR`)."
+            )
+        if not os.path.isdir(self.img_dir):
+            raise UserError(f"Image folder '{self.img_dir}' not found; put the {self.spec.name} images under it.")
+        for name in self.spec.annotation_files:
+            path = os.path.join(self.dataset_dir, name)
+            if os.path.isfile(path):
+                return path
+        raise UserError(
+            f"No annotation file in '{self.dataset_dir}': looked for "
+            f"{' or '.join(repr(n) for n in self.spec.annotation_files)}. Place the {self.spec.name} "
+            "annotation file there."
+        )
+
+    def _check_entry(self, index: int, entry: dict[str, Any]) -> None:
+        where = f"Annotation file '{self.anno_path}', entry {index}"
+        for key in ("id", "split", "captions", self.spec.path_key):
+            if key not in entry:
+                raise UserError(
+                    f"{where} has no '{key}' key; every {self.spec.name} entry needs 'id', 'split', "
+                    f"'captions' and '{self.spec.path_key}'."
+                )
+        if entry["split"] not in SPLITS:
+            raise UserError(f"{where}: split is {entry['split']!r}, expected one of {', '.join(SPLITS)}.")
+        captions = entry["captions"]
+        if not isinstance(captions, list) or not all(isinstance(c, str) for c in captions):
+            raise UserError(f"{where}: 'captions' must be a list of strings, found {captions!r:.80}.")
+        if not isinstance(entry[self.spec.path_key], str):
+            raise UserError(f"{where}: '{self.spec.path_key}' must be a string path.")
+        value = entry["id"]
+        if isinstance(value, bool) or not isinstance(value, (int, str)) or not str(value).strip().lstrip("-").isdigit():
+            raise UserError(f"{where}: 'id' must be an integer, found {value!r}.")
+
+    def _train_samples(self, entries: list[dict[str, Any]]) -> tuple[list[TrainSample], set[int]]:
+        offset = self.spec.train_id_offset
+        samples: list[TrainSample] = []
+        pids: set[int] = set()
+        for image_id, entry in enumerate(entries):
+            pid = int(entry["id"]) - offset
+            pids.add(pid)
+            img_path = os.path.join(self.img_dir, entry[self.spec.path_key])
+            samples.extend((pid, image_id, img_path, caption) for caption in entry["captions"])
+        if not pids:
+            return samples, pids
+        rule = (
+            f"Annotation file '{self.anno_path}': training ids must run from {offset} to "
+            f"{offset + len(pids) - 1} without gaps (they become class indices 0..{len(pids) - 1})"
+        )
+        if min(pids) < 0:
+            raise UserError(f"{rule}, but id {min(pids) + offset} is below {offset}. Renumber the training identities.")
+        gap = _first_gap(pids)
+        if gap != len(pids):
+            raise UserError(
+                f"{rule}, but id {gap + offset} is missing (ids found: {offset}..{max(pids) + offset}). "
+                "Renumber the training identities."
+            )
+        return samples, pids
+
+    def _eval_split(self, entries: list[dict[str, Any]]) -> tuple[dict[str, list], set[int]]:
+        data: dict[str, list] = {"image_pids": [], "img_paths": [], "caption_pids": [], "captions": []}
+        for entry in entries:
+            pid = int(entry["id"])
+            data["image_pids"].append(pid)
+            data["img_paths"].append(os.path.join(self.img_dir, entry[self.spec.path_key]))
+            data["caption_pids"].extend(pid for _ in entry["captions"])
+            data["captions"].extend(entry["captions"])
+        return data, set(data["image_pids"])
+
+
+def build_dataset(name: str, root: str | os.PathLike, verbose: bool = True) -> PedesDataset:
+    """Parse benchmark ``name`` (``'CUHK-PEDES'``, ``'ICFG-PEDES'`` or ``'RSTPReid'``) under ``root``."""
+    return PedesDataset(root, get_spec(name), verbose=verbose)
