@@ -180,7 +180,12 @@ class IRRA(nn.Module):
                 out["img_acc"] = all_gather_no_grad((image_logits.argmax(dim=1) == pids).float()).mean()
                 out["txt_acc"] = all_gather_no_grad((text_logits.argmax(dim=1) == pids).float()).mean()
         if "mlm" in self.loss_names:
-            fused = self.cross_former(self.base_model.encode_text(batch["mlm_ids"]), image_tokens)
+            mlm_ids = batch["mlm_ids"]
+            # IRRA masks the caption in place, so by default mlm_ids equals caption_ids: the text encoder's
+            # output is then reused — the same values and gradients as encoding it twice, at half the cost.
+            same_text = mlm_ids is caption_ids or torch.equal(mlm_ids, caption_ids)
+            mlm_tokens = text_tokens if same_text else self.base_model.encode_text(mlm_ids)
+            fused = self.cross_former(mlm_tokens, image_tokens)
             labels = batch["mlm_labels"]
             masked = labels != 0
             # The head runs only where a token was masked: same loss and accuracy as projecting every position.
@@ -192,35 +197,62 @@ class IRRA(nn.Module):
         return out
 
 
-def build_model(args, num_classes: int = 11003, clip_config: CLIPConfig | None = None) -> IRRA:
-    """Build IRRA from the training argument namespace (the only place that reads ``args``).
+def parse_loss_names(text: str) -> list[str]:
+    """``'sdm + mlm+id'`` -> ``['sdm', 'mlm', 'id']``."""
+    return [name.strip() for name in str(text).split("+") if name.strip()]
 
-    With ``clip_config`` the CLIP architecture is built randomly initialised (weights are loaded later
-    from a saved IRRA checkpoint); otherwise ``args.pretrain_choice`` is built (pretrained unless
-    ``args.from_scratch``). With ``args.precision == 'fp16'`` the weights are cast to half.
-    """
-    loss_names = [name.strip() for name in str(args.loss_names).split("+") if name.strip()]
+
+def build_backbone(args, clip_config: CLIPConfig | None = None) -> CLIP:
+    """The CLIP backbone: ``clip_config`` randomly initialised (weights come later from a saved checkpoint),
+    otherwise ``args.pretrain_choice`` (pretrained unless ``args.from_scratch``)."""
     if clip_config is not None:
-        base_model = CLIP(clip_config, args.img_size, args.stride_size)
-    else:
-        base_model, _ = build_clip(
-            args.pretrain_choice,
-            args.img_size,
-            args.stride_size,
-            pretrained=not getattr(args, "from_scratch", False),
-            download_root=getattr(args, "download_root", "") or None,
-        )
-    model = IRRA(
-        base_model,
-        num_classes=num_classes,
-        loss_names=loss_names,
-        temperature=args.temperature,
-        cmt_depth=args.cmt_depth,
-        vocab_size=args.vocab_size,
-        loss_weights={"id": args.id_loss_weight, "mlm": args.mlm_loss_weight},
+        return CLIP(clip_config, args.img_size, args.stride_size)
+    base_model, _ = build_clip(
+        args.pretrain_choice,
+        args.img_size,
+        args.stride_size,
+        pretrained=not getattr(args, "from_scratch", False),
+        download_root=getattr(args, "download_root", "") or None,
     )
+    return base_model
+
+
+def apply_precision(model: nn.Module, args) -> nn.Module:
+    """Cast the weights to half when ``args.precision == 'fp16'``; returns ``model``."""
     # Namespaces saved by IRRA itself have no `precision`: IRRA always trained in fp16 on CUDA.
     default_precision = "fp16" if str(getattr(args, "device", "cuda")).startswith("cuda") else "fp32"
     if getattr(args, "precision", default_precision) == "fp16":
         convert_weights_to_fp16(model)
     return model
+
+
+def build_irra(args, num_classes: int = 11003, clip_config: CLIPConfig | None = None) -> IRRA:
+    """IRRA from the training argument namespace."""
+    model = IRRA(
+        build_backbone(args, clip_config),
+        num_classes=num_classes,
+        loss_names=parse_loss_names(args.loss_names),
+        temperature=args.temperature,
+        cmt_depth=args.cmt_depth,
+        vocab_size=args.vocab_size,
+        loss_weights={"id": args.id_loss_weight, "mlm": args.mlm_loss_weight},
+    )
+    return apply_precision(model, args)
+
+
+def build_model(args, num_classes: int = 11003, clip_config: CLIPConfig | None = None) -> IRRA:
+    """Build the model named by ``args.model`` (``irra`` when absent, as in IRRA's own configs) from the
+    training argument namespace; the builders here and in :mod:`model.php` are the only readers of ``args``.
+
+    With ``clip_config`` the CLIP architecture is built randomly initialised (weights are loaded later
+    from a saved checkpoint); otherwise ``args.pretrain_choice`` is built (pretrained unless
+    ``args.from_scratch``). With ``args.precision == 'fp16'`` the weights are cast to half.
+    """
+    name = getattr(args, "model", None) or "irra"
+    if name == "irra":
+        return build_irra(args, num_classes, clip_config)
+    if name == "php":
+        from model.php import build_php  # model.php builds on this module
+
+        return build_php(args, num_classes, clip_config)
+    raise UserError(f"--model {name!r} is not known; choose irra or php")

@@ -243,3 +243,35 @@ def test_build_model_fp16_runs_on_cpu():
     out = model(make_batch())
     assert all(v.dtype == torch.float32 and torch.isfinite(v).all() for v in out.values())
     sum(v for k, v in out.items() if k.endswith("_loss")).backward()
+
+
+def test_masked_caption_is_encoded_once_with_identical_losses_and_gradients():
+    """IRRA's default feeds the masked caption to every loss; encoding it once must change nothing."""
+    batch = make_batch()
+    batch["caption_ids"] = batch["mlm_ids"].clone()  # what the faithful data pipeline produces
+
+    def losses_and_grads(model):
+        out = model(batch)
+        total = sum(v for k, v in out.items() if k.endswith("_loss"))
+        total.backward()
+        return out, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    shared = make_irra(seed=3)
+    calls = []
+    shared.base_model.transformer.register_forward_hook(lambda *a: calls.append(1))
+    out_once, grads_once = losses_and_grads(shared)
+    assert len(calls) == 1
+
+    twice = make_irra(seed=3)
+    original_equal = torch.equal
+    try:  # make the model believe the texts differ, so it encodes the caption a second time
+        torch.equal = lambda a, b: False
+        out_twice, grads_twice = losses_and_grads(twice)
+    finally:
+        torch.equal = original_equal
+    for key in ("sdm_loss", "id_loss", "mlm_loss", "itc_loss"):
+        torch.testing.assert_close(out_once[key], out_twice[key])
+    assert grads_once.keys() == grads_twice.keys()
+    for name in grads_once:
+        # the same sums in another order: equal up to float32 rounding
+        torch.testing.assert_close(grads_once[name], grads_twice[name], rtol=1e-4, atol=1e-4)
