@@ -36,16 +36,13 @@ def make_run_dir(output_dir: str, dataset_name: str, name: str) -> str:
             os.makedirs(run_dir)
             return run_dir
         except FileExistsError:
+            if not os.path.isdir(run_dir):
+                raise UserError(f"cannot create the run folder {run_dir}: a file has that name") from None
             n += 1
             run_dir = f"{base}_{n}"
-
-
-def _broadcast_string(value: str, env) -> str:
-    if not env.distributed:
-        return value
-    holder = [value]
-    torch.distributed.broadcast_object_list(holder, src=0)
-    return holder[0]
+        except OSError as err:
+            raise UserError(f"cannot create the run folder {run_dir} ({err.strerror}); "
+                            f"choose a writable --output_dir") from None
 
 
 def run(args) -> tuple[float, int]:
@@ -55,7 +52,7 @@ def run(args) -> tuple[float, int]:
     from solver import build_lr_scheduler, build_optimizer
     from torch.utils.tensorboard import SummaryWriter
     from utils.checkpoint import Checkpointer
-    from utils.comm import init_distributed
+    from utils.comm import init_distributed, run_on_main, wrap_ddp
     from utils.iotools import save_train_configs
     from utils.logger import setup_logger
     from utils.metrics import Evaluator
@@ -71,8 +68,8 @@ def run(args) -> tuple[float, int]:
                         f"{env.world_size} processes; choose a multiple of {env.world_size}")
     set_seed(args.seed + env.rank)
 
-    run_dir = make_run_dir(args.output_dir, args.dataset_name, args.name) if env.is_main else ""
-    args.output_dir = _broadcast_string(run_dir, env)
+    # Rank 0 makes the folder and tells the others; if it cannot, every rank stops with its message.
+    args.output_dir = run_on_main(lambda: make_run_dir(args.output_dir, args.dataset_name, args.name))
     logger = setup_logger("IRRA", save_dir=args.output_dir, if_train=True, distributed_rank=env.rank)
     logger.info("Using %d process(es) on %s, precision %s", env.world_size, env.device, args.precision)
     logger.info("Options:\n%s", "\n".join(f"  {k}: {v}" for k, v in sorted(vars(args).items())))
@@ -87,10 +84,7 @@ def run(args) -> tuple[float, int]:
     optimizer = build_optimizer(args, model)
     scheduler = build_lr_scheduler(args, optimizer)
     scaler = precision.grad_scaler()
-    if env.distributed:
-        model = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[env.device.index] if env.device.type == "cuda" else None,
-            broadcast_buffers=False)
+    model = wrap_ddp(model, env)
     checkpointer = Checkpointer(model, optimizer, scheduler, args.output_dir, save_to_disk=env.is_main, scaler=scaler)
     evaluator = Evaluator(val_img_loader, val_txt_loader, autocast=precision.autocast,
                           chunk_size=args.eval_chunk_size or None)

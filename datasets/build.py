@@ -19,6 +19,7 @@ from datasets.bases import ImageDataset, ImageTextDataset, MaskingConfig, TextDa
 from datasets.pedes import PedesDataset, build_dataset
 from datasets.sampler import RandomIdentitySampler, ShardedRandomSampler
 from datasets.transforms import build_transforms
+from utils.comm import pins_memory
 from utils.errors import UserError
 
 logger = logging.getLogger(__name__)
@@ -137,7 +138,7 @@ def build_dataloader(args, transforms=None):
     seed = int(getattr(args, "seed", 1))
     _check_args(args, world_size, rank)
     dataset = build_dataset(args.dataset_name, args.root_dir)
-    pin_memory = str(getattr(args, "device", "cpu")).startswith("cuda")
+    pin_memory = pins_memory(getattr(args, "device", "cpu"))
     img_size = tuple(args.img_size)
     tokenizer = SimpleTokenizer()
     loader_seed = rank_seed(seed, rank)

@@ -15,7 +15,7 @@ import torch
 from tqdm import tqdm
 
 from utils.checkpoint import Checkpointer, unwrap_model
-from utils.comm import DistEnv, synchronize
+from utils.comm import DistEnv, all_reduce_sum, run_on_main
 from utils.errors import UserError
 from utils.precision import Precision
 
@@ -27,7 +27,9 @@ class RunningMeans:
     """Per-key running means of the values a model returns, summed on the device (one sync per log line).
 
     Keys ending in ``_loss`` and ``loss`` are weighted by the batch size; ``mlm_acc`` by 1 per step (IRRA does
-    this: its masked-token count varies per batch); other accuracies by the batch size.
+    this: its masked-token count varies per batch); other accuracies by the batch size. Under torch.distributed
+    :meth:`means` adds up the sums and counts of all ranks, so every rank gets (and rank 0 logs) the means
+    over the global batch, the numbers a single process with that batch would log.
     """
 
     sums: dict[str, torch.Tensor] = field(default_factory=dict)
@@ -43,10 +45,14 @@ class RunningMeans:
             self.counts[key] = self.counts.get(key, 0) + weight
 
     def means(self) -> dict[str, float]:
-        if not self.sums:
+        """Means over all ranks; a collective when distributed: every rank calls it at the same steps."""
+        keys = list(self.sums)
+        if not keys:
             return {}
-        stacked = torch.stack([self.sums[k] for k in self.sums]).cpu().tolist()
-        return {k: s / self.counts[k] for k, s in zip(self.sums, stacked)}
+        sums = torch.stack([self.sums[k] for k in keys])
+        counts = torch.tensor([self.counts[k] for k in keys], dtype=sums.dtype, device=sums.device)
+        totals = all_reduce_sum(torch.cat([sums, counts])).cpu().tolist()
+        return {k: s / c for k, s, c in zip(keys, totals[: len(keys)], totals[len(keys):])}
 
 
 def format_progress(epoch: int, iteration: int, num_iterations: int, means: dict[str, float], lr: float) -> str:
@@ -78,9 +84,9 @@ def train_one_epoch(model, train_loader, optimizer, precision: Precision, scaler
         scaler.step(optimizer)
         scaler.update()
         meters.update(ret, batch["images"].shape[0])
-        if step % log_period == 0 or step == num_iterations:
+        if step % log_period == 0 or step == num_iterations:  # the same steps on every rank
             means = meters.means()
-            if not math.isfinite(means.get("loss", 0.0)):
+            if not math.isfinite(means.get("loss", 0.0)):  # global means: every rank stops here together
                 raise UserError(f"the training loss became {means['loss']} in epoch {epoch}, iteration {step}; "
                                 f"lower --lr, or train with --precision fp32 or amp instead of fp16")
             if step % log_period == 0:
@@ -90,6 +96,26 @@ def train_one_epoch(model, train_loader, optimizer, precision: Precision, scaler
     return meters.means(), ret, step
 
 
+def validate(epoch: int, num_epoch: int, model, evaluator, checkpointer: Checkpointer, tb_writer,
+             best_top1: float, best_epoch: int) -> tuple[float, int]:
+    """Evaluate (on rank 0), log, and save ``best.pth`` when Rank-1 beats ``best_top1``; returns the new best."""
+    logger.info("Validation Results - Epoch: %d", epoch)
+    top1 = evaluator.eval(unwrap_model(model))
+    report = getattr(unwrap_model(model), "training_report", None)
+    if callable(report):
+        logger.info(report())
+    results = getattr(evaluator, "last_results", {}).get("t2i", {})
+    if tb_writer is not None:
+        tb_writer.add_scalar("val/R1", top1, epoch)
+        for key in ("R5", "R10", "mAP", "mINP"):
+            if key in results:
+                tb_writer.add_scalar(f"val/{key}", results[key], epoch)
+    if top1 > best_top1:
+        best_top1, best_epoch = top1, epoch
+        checkpointer.save("best", epoch=epoch, num_epoch=num_epoch, best_top1=best_top1, best_epoch=best_epoch)
+    return float(best_top1), int(best_epoch)
+
+
 def do_train(start_epoch: int, args, model, train_loader, evaluator, optimizer, scheduler,
              checkpointer: Checkpointer, precision: Precision, env: DistEnv, scaler=None, tb_writer=None,
              best_top1: float = 0.0, best_epoch: int = 0) -> tuple[float, int]:
@@ -97,7 +123,8 @@ def do_train(start_epoch: int, args, model, train_loader, evaluator, optimizer, 
 
     Each epoch ends with ``last.pth`` (everything needed to resume); ``best.pth`` is written when the
     validation Rank-1 improves. Only rank 0 evaluates, logs to TensorBoard and writes; other ranks wait once
-    per evaluation.
+    per evaluation (and stop with rank 0's error if evaluating fails). Apart from the model's own gathers
+    and DDP's gradient reduction, training adds one small all-reduce per log line, no per-step barrier.
     """
     scaler = scaler if scaler is not None else precision.grad_scaler()
     global_batch = getattr(args, "batch_size", None)
@@ -127,23 +154,9 @@ def do_train(start_epoch: int, args, model, train_loader, evaluator, optimizer, 
                 for key, value in means.items():
                     tb_writer.add_scalar(key, value, epoch)
         if epoch % args.eval_period == 0 or epoch == args.num_epoch:
-            if env.is_main:
-                logger.info("Validation Results - Epoch: %d", epoch)
-                top1 = evaluator.eval(unwrap_model(model))
-                report = getattr(unwrap_model(model), "training_report", None)
-                if callable(report):
-                    logger.info(report())
-                results = getattr(evaluator, "last_results", {}).get("t2i", {})
-                if tb_writer is not None:
-                    tb_writer.add_scalar("val/R1", top1, epoch)
-                    for key in ("R5", "R10", "mAP", "mINP"):
-                        if key in results:
-                            tb_writer.add_scalar(f"val/{key}", results[key], epoch)
-                if top1 > best_top1:
-                    best_top1, best_epoch = top1, epoch
-                    checkpointer.save("best", epoch=epoch, num_epoch=args.num_epoch, best_top1=best_top1,
-                                      best_epoch=best_epoch)
-            synchronize()
+            # Rank 0 evaluates; the others wait in this one collective and learn the best score (or its error).
+            best_top1, best_epoch = run_on_main(lambda: validate(
+                epoch, args.num_epoch, model, evaluator, checkpointer, tb_writer, best_top1, best_epoch))
         checkpointer.save("last", epoch=epoch, num_epoch=args.num_epoch, best_top1=best_top1, best_epoch=best_epoch)
         if tb_writer is not None:
             tb_writer.flush()

@@ -3,12 +3,19 @@
 :func:`init_distributed` reads torchrun's environment (``RANK``, ``LOCAL_RANK``, ``WORLD_SIZE``), starts the
 process group (NCCL on GPUs, gloo on CPU), picks this process's device, and falls back to a single process
 when torchrun is not used. Nothing else in the project spells ``"cuda"``: it asks for the device it was given.
+
+Collectives wait at most ``$IRRA_DIST_TIMEOUT`` seconds (default 30 minutes) for a peer, so a process that
+failed alone (its peers waiting for it in a collective) never leaves the others hanging forever; torchrun
+also stops the remaining workers as soon as one exits with an error.
 """
 from __future__ import annotations
 
+import datetime
+import inspect
 import logging
 import os
 from dataclasses import dataclass
+from typing import Callable, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -16,6 +23,10 @@ import torch.distributed as dist
 from utils.errors import UserError
 
 logger = logging.getLogger(__name__)
+
+TIMEOUT_ENV = "IRRA_DIST_TIMEOUT"
+DEFAULT_TIMEOUT_S = 1800
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -57,21 +68,54 @@ def resolve_device(requested: str | None, local_rank: int = 0) -> torch.device:
     return device
 
 
+def _env_int(name: str, default: int) -> int:
+    text = os.environ.get(name, "").strip()
+    if not text:
+        return default
+    try:
+        return int(text)
+    except ValueError:
+        raise UserError(f"environment variable {name}={text!r} is not an integer; torchrun sets RANK, LOCAL_RANK "
+                        f"and WORLD_SIZE itself, unset them for a single-process run") from None
+
+
+def collective_timeout() -> datetime.timedelta:
+    """How long a collective waits for the slowest process: ``$IRRA_DIST_TIMEOUT`` seconds, else 30 minutes.
+
+    Rank 0 evaluates while the other ranks wait at a barrier, so this must exceed one evaluation.
+    """
+    seconds = _env_int(TIMEOUT_ENV, DEFAULT_TIMEOUT_S)
+    if seconds < 1:
+        raise UserError(f"{TIMEOUT_ENV}={seconds}: the collective timeout must be at least 1 second")
+    return datetime.timedelta(seconds=seconds)
+
+
+def pins_memory(device: str | torch.device) -> bool:
+    """Whether data loaders feeding ``device`` (a device or its name) should use pinned host memory (GPUs do)."""
+    return str(device).startswith("cuda")
+
+
 def init_distributed(requested_device: str | None = None) -> DistEnv:
     """Read torchrun's environment, start the process group if needed, and return this process's layout.
 
     Without torchrun (no ``WORLD_SIZE`` or ``WORLD_SIZE=1``) this is a single process on ``requested_device``.
+    The same command picks NCCL when the device is a GPU and gloo on CPU.
     """
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    world_size = _env_int("WORLD_SIZE", 1)
+    rank = _env_int("RANK", 0)
+    local_rank = _env_int("LOCAL_RANK", 0)
+    if world_size < 1 or not 0 <= rank < world_size:
+        raise UserError(f"RANK={rank} and WORLD_SIZE={world_size} do not describe a process of the job; "
+                        f"launch with torchrun, which sets them")
     device = resolve_device(requested_device, local_rank)
     if world_size > 1 and not dist.is_initialized():
         backend = "nccl" if device.type == "cuda" else "gloo"
         if device.type == "cuda":
             torch.cuda.set_device(device)
-        dist.init_process_group(backend=backend, init_method="env://")
-        logger.info("Process group started: backend %s, rank %d of %d, device %s", backend, rank, world_size, device)
+        timeout = collective_timeout()
+        dist.init_process_group(backend=backend, init_method="env://", timeout=timeout)
+        logger.info("Process group started: backend %s, rank %d of %d, device %s, timeout %ds", backend, rank,
+                    world_size, device, timeout.total_seconds())
     return DistEnv(device=device, rank=rank, local_rank=local_rank, world_size=world_size)
 
 
@@ -89,9 +133,68 @@ def synchronize() -> None:
         dist.barrier()
 
 
+def run_on_main(fn: Callable[[], T]) -> T:
+    """Call ``fn`` on rank 0 only while the other ranks wait; every rank returns rank 0's (picklable) result.
+
+    This is the single collective of a rank-0-only phase (making the run folder, evaluating). When ``fn``
+    fails, rank 0 re-raises and the other ranks raise too, instead of waiting for a peer that has stopped:
+    a :class:`UserError` with rank 0's message, or a RuntimeError pointing to rank 0's traceback.
+    """
+    if get_world_size() == 1:
+        return fn()
+    holder: list = [None]
+    failure: BaseException | None = None
+    if get_rank() == 0:
+        try:
+            holder[0] = ("ok", fn())
+        except UserError as err:
+            holder[0], failure = ("user", str(err)), err
+        except Exception as err:  # a bug: rank 0 shows the traceback, the others say where to look
+            holder[0], failure = ("bug", f"{type(err).__name__}: {err}"), err
+    dist.broadcast_object_list(holder, src=0)
+    status, value = holder[0]
+    if failure is not None:
+        raise failure
+    if status == "user":
+        raise UserError(f"rank 0 stopped: {value}")
+    if status == "bug":
+        raise RuntimeError(f"rank 0 failed with {value} (its traceback is in rank 0's output)")
+    return value
+
+
 def shutdown() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+
+
+def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
+    """The element-wise sum of ``tensor`` over all ranks (a new tensor; ``tensor`` itself in one process)."""
+    if get_world_size() == 1:
+        return tensor
+    total = tensor.detach().clone()
+    dist.all_reduce(total, op=dist.ReduceOp.SUM)
+    return total
+
+
+def wrap_ddp(model: torch.nn.Module, env: DistEnv) -> torch.nn.Module:
+    """``model`` in DistributedDataParallel when ``env`` has several processes, else ``model`` itself.
+
+    GPU: one device per process (``device_ids``); CPU: ``device_ids=None`` as gloo needs. Every parameter
+    takes part in every step for all loss sets of IRRA and PHP, so unused-parameter search stays off.
+    Buffers are not re-broadcast before each forward: IRRA has none and PHP's expert counters are
+    per-process statistics (one collective per step saved).
+    """
+    if not env.distributed:
+        return model
+    from torch.nn.parallel import DistributedDataParallel
+
+    options: dict = {"device_ids": [env.device.index] if env.device.type == "cuda" else None,
+                     "find_unused_parameters": False}
+    if "forward_sync_buffers" in inspect.signature(DistributedDataParallel.__init__).parameters:
+        options["forward_sync_buffers"] = False  # newer torch's name for broadcast_buffers
+    else:
+        options["broadcast_buffers"] = False
+    return DistributedDataParallel(model, **options)
 
 
 def all_gather_with_grad(tensor: torch.Tensor) -> torch.Tensor:
@@ -104,16 +207,32 @@ def all_gather_with_grad(tensor: torch.Tensor) -> torch.Tensor:
     """
     if get_world_size() == 1:
         return tensor
-    import torch.distributed.nn.functional as dist_fn
-
     sizes = _gather_sizes(tensor.shape[0], tensor.device)
     longest = max(sizes)
     padded = tensor
     if tensor.shape[0] < longest:
         pad = tensor.new_zeros((longest - tensor.shape[0], *tensor.shape[1:]))
         padded = torch.cat([tensor, pad], dim=0)
-    parts = dist_fn.all_gather(padded)
+    parts = _AllGather.apply(padded)  # [world_size, longest, ...]
     return torch.cat([part[:n] for part, n in zip(parts, sizes)], dim=0)
+
+
+class _AllGather(torch.autograd.Function):
+    """all_gather of equally shaped tensors whose backward returns, on each rank, the sum over all ranks of
+    the gradient of that rank's block (one all-reduce; any backend)."""
+
+    @staticmethod
+    def forward(ctx, tensor: torch.Tensor) -> torch.Tensor:
+        ctx.rank = get_rank()
+        parts = [torch.empty_like(tensor) for _ in range(get_world_size())]
+        dist.all_gather(parts, tensor.contiguous())
+        return torch.stack(parts)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        total = grad.contiguous().clone()
+        dist.all_reduce(total, op=dist.ReduceOp.SUM)
+        return total[ctx.rank]
 
 
 def all_gather_no_grad(tensor: torch.Tensor) -> torch.Tensor:
