@@ -556,6 +556,7 @@ def write_synthetic(
     num_val_ids: Optional[int] = None,
     image_size: tuple[int, int] = (192, 64),
     jpeg_quality: int = 90,
+    reuse: bool = False,
 ) -> SyntheticSummary:
     """Write a synthetic ``dataset_name`` under ``root`` in the real benchmark's layout.
 
@@ -567,6 +568,8 @@ def write_synthetic(
         num_test_ids, num_val_ids: identities in the test / val split (default ``num_ids // 6``
             each; val is always 0 for ICFG-PEDES, which has no val split).
         image_size: ``(height, width)`` of the stored JPEG files.
+        reuse: keep a benchmark this function already wrote there with the same arguments instead of
+            writing it again (its marker file records them).
 
     Raises:
         UserError: unknown dataset, impossible sizes, or ``root/dataset_name`` holds other data.
@@ -588,12 +591,19 @@ def write_synthetic(
         )
 
     dataset_dir = os.path.join(os.fspath(root), spec.name)
+    annotation = os.path.join(dataset_dir, spec.annotation_files[0])
+    arguments = dict(dataset_name=dataset_name, num_ids=num_ids, seed=seed, images_per_id=images_per_id,
+                     num_test_ids=num_test, num_val_ids=num_val, image_size=list(image_size),
+                     jpeg_quality=jpeg_quality)
+    if reuse and _written_with(dataset_dir, arguments) and os.path.isfile(annotation):
+        logger.info("Reusing the synthetic %s already in %s (same arguments)", spec.name, dataset_dir)
+        return _summary_of(dataset_dir, annotation)
     _prepare_dir(dataset_dir)
     dataset_index = list(DATASETS).index(spec.name)
     pair_rng = np.random.default_rng([seed, dataset_index, 0])
     blocks = [("train", num_train), ("val", num_val), ("test", num_test)]
 
-    entries, stats = [], {name: [0, 0, 0] for name, _ in blocks}
+    entries = []
     person = 0
     for split, count in blocks:
         for upper, lower in _colour_pairs(pair_rng, count, unique=split != "train"):
@@ -614,28 +624,42 @@ def write_synthetic(
                 if layout.extra_fields:
                     entry["processed_tokens"] = [processed_tokens(c) for c in captions]
                 entries.append(entry)
-                stats[split][1] += 1
-                stats[split][2] += len(captions)
-            stats[split][0] += 1
             person += 1
 
-    annotation = os.path.join(dataset_dir, spec.annotation_files[0])
     with open(annotation, "w", encoding="utf-8") as handle:
         json.dump(entries, handle)
-    arguments = dict(dataset_name=dataset_name, num_ids=num_ids, seed=seed, images_per_id=images_per_id,
-                     num_test_ids=num_test, num_val_ids=num_val, image_size=list(image_size),
-                     jpeg_quality=jpeg_quality)
     with open(os.path.join(dataset_dir, MARKER_FILE), "w", encoding="utf-8") as handle:
         json.dump(arguments, handle, indent=1, sort_keys=True)
-    summary = SyntheticSummary(
-        dataset_dir=dataset_dir,
-        annotation_file=annotation,
-        num_ids={s: v[0] for s, v in stats.items()},
-        num_images={s: v[1] for s, v in stats.items()},
-        num_captions={s: v[2] for s, v in stats.items()},
-    )
+    summary = _summary_of(dataset_dir, annotation, entries)
     logger.info("Wrote synthetic %s to %s: %s", spec.name, dataset_dir, summary.num_images)
     return summary
+
+
+def _written_with(dataset_dir: str, arguments: dict) -> bool:
+    """Whether ``dataset_dir`` holds a synthetic benchmark written with exactly ``arguments``."""
+    try:
+        with open(os.path.join(dataset_dir, MARKER_FILE), encoding="utf-8") as handle:
+            return json.load(handle) == arguments
+    except (OSError, ValueError):
+        return False
+
+
+def _summary_of(dataset_dir: str, annotation: str, entries: Optional[list] = None) -> SyntheticSummary:
+    """Identities, images and captions per split of the annotation ``entries`` (read from the file if None)."""
+    if entries is None:
+        with open(annotation, encoding="utf-8") as handle:
+            entries = json.load(handle)
+    splits = ("train", "val", "test")
+    ids: dict[str, set] = {split: set() for split in splits}
+    images = dict.fromkeys(splits, 0)
+    captions = dict.fromkeys(splits, 0)
+    for entry in entries:
+        split = entry["split"]
+        ids[split].add(entry["id"])
+        images[split] += 1
+        captions[split] += len(entry["captions"])
+    return SyntheticSummary(dataset_dir=dataset_dir, annotation_file=annotation,
+                            num_ids={k: len(v) for k, v in ids.items()}, num_images=images, num_captions=captions)
 
 
 def render_contact_sheet(
@@ -701,6 +725,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--image_size", type=int, nargs=2, default=(192, 64), metavar=("H", "W"))
     parser.add_argument("--jpeg_quality", type=int, default=90)
+    parser.add_argument("--reuse", action="store_true",
+                        help="keep a benchmark already written there with the same arguments")
     parser.add_argument("--contact_sheet", default=None, metavar="PNG",
                         help="also tile the first training identities into this PNG (captions in PNG.txt)")
     args = parser.parse_args(argv)
@@ -719,7 +745,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             write_synthetic(
                 args.root, name, num_ids=args.num_ids, seed=args.seed, images_per_id=args.images_per_id,
                 num_test_ids=args.num_test_ids, num_val_ids=args.num_val_ids,
-                image_size=tuple(args.image_size), jpeg_quality=args.jpeg_quality,
+                image_size=tuple(args.image_size), jpeg_quality=args.jpeg_quality, reuse=args.reuse,
             )
             if args.contact_sheet:
                 stem, ext = os.path.splitext(args.contact_sheet)

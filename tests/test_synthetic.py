@@ -168,3 +168,22 @@ def test_captions_fit_the_text_length(tmp_path):
         captions = [c for e in json.load(handle) for c in e["captions"]]
     ids = tokenize_captions(captions, text_length=77)
     assert int((ids > 0).sum(dim=1).max()) < 77
+
+
+def test_reuse_keeps_an_identical_benchmark_and_rewrites_a_different_one(tmp_path):
+    from datasets.synthetic import write_synthetic
+
+    first = write_synthetic(tmp_path, "RSTPReid", num_ids=12, seed=0, images_per_id=1)
+    annotation = first.annotation_file
+    stamp = os.path.getmtime(annotation)
+    again = write_synthetic(tmp_path, "RSTPReid", num_ids=12, seed=0, images_per_id=1, reuse=True)
+    assert os.path.getmtime(annotation) == stamp
+    assert again.num_images == first.num_images and again.num_ids == first.num_ids
+    with open(annotation) as handle:
+        before = json.load(handle)
+    changed = write_synthetic(tmp_path, "RSTPReid", num_ids=12, seed=1, images_per_id=1, reuse=True)
+    assert changed.num_images == first.num_images
+    with open(annotation) as handle:
+        assert json.load(handle) != before  # another seed: written again, not reused
+    with open(os.path.join(os.path.dirname(annotation), "SYNTHETIC.json")) as handle:
+        assert json.load(handle)["seed"] == 1
