@@ -1,0 +1,136 @@
+"""Search a trained run's gallery with your own description and see what comes back.
+
+    python search.py --config_file logs/CUHK-PEDES/<run>/configs.yaml \
+        --query "a woman in a red coat with a black backpack" [--query "..."] [--queries_file FILE] \
+        [--topk 10] [--split test] [--root_dir DATA] [--device cuda] [--out result.png]
+
+The model is opened as ``test.py`` opens it (``best.pth`` beside the config). The split's images are encoded
+once and cached in ``<run>/gallery_cache/`` (see :mod:`utils.gallery`); later searches only encode the query.
+For each query the top ``k`` images are printed (rank, cosine score, person id, path) and drawn in one PNG:
+the query above a row of the images with their scores. Several queries give one picture each: ``--out
+result.png`` becomes ``result_1.png``, ``result_2.png``, … (default ``<run>/search.png``).
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from collections.abc import Sequence
+
+from utils.entry import run_main
+from utils.errors import UserError
+from utils.gallery import Hit
+from utils.run_loading import add_run_arguments
+from utils.visualization import check_picture_path
+
+logger = logging.getLogger(__name__)
+
+MAX_TOPK = 50
+
+
+def _read_queries_file(path: str) -> list[str]:
+    try:
+        with open(path, encoding="utf-8") as handle:
+            return [line.strip() for line in handle if line.strip()]
+    except (OSError, UnicodeDecodeError) as err:
+        raise UserError(f"cannot read --queries_file {path} ({err}); give a UTF-8 text file, "
+                        f"one query a line") from None
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description="Rank a run's gallery images for a text description.")
+    add_run_arguments(p)
+    p.add_argument("--query", action="append", default=[], help="a description to search for (repeatable)")
+    p.add_argument("--queries_file", default="", help="a text file with one query a line (blank lines skipped)")
+    p.add_argument("--topk", type=int, default=10, help=f"images shown per query (1..{MAX_TOPK})")
+    p.add_argument("--split", default="test", help="the split whose images are searched: test or val")
+    p.add_argument("--out", default="", help="PNG to write (default RUN_DIR/search.png); with several queries "
+                                             "_1, _2, … are added before .png")
+    p.add_argument("--rebuild_cache", action="store_true", help="encode the gallery even if its cache is current")
+    cli = p.parse_args(argv)
+    cli.queries = [q.strip() for q in cli.query]
+    if cli.queries_file:
+        from_file = _read_queries_file(cli.queries_file)
+        if not from_file:
+            raise UserError(f"--queries_file {cli.queries_file} holds no query (one query a line)")
+        cli.queries += from_file
+    if not cli.queries:
+        raise UserError("no query: pass --query \"a description\" (repeatable) or --queries_file FILE")
+    if not all(cli.queries):
+        raise UserError("a --query is empty; describe the person, e.g. --query \"a man in a blue jacket\"")
+    if not 1 <= cli.topk <= MAX_TOPK:
+        raise UserError(f"--topk must be between 1 and {MAX_TOPK}, got {cli.topk}")
+    if cli.split not in ("test", "val"):
+        raise UserError(f"--split must be test or val, got {cli.split!r}")
+    check_picture_path(cli.out)
+    return cli
+
+
+def search(model, run, gallery, queries: Sequence[str], topk: int) -> list[list[Hit]]:
+    """The ``topk`` best gallery images for each query (fewer when the gallery is smaller), best first."""
+    from utils.gallery import encode_captions, hits_at, rank_gallery
+
+    scores, order = rank_gallery(encode_captions(model, run, queries), gallery.feats)
+    return [hits_at(gallery, row_scores, row_order, range(1, topk + 1)) for row_scores, row_order in zip(scores, order)]
+
+
+def picture_paths(out: str, count: int) -> list[str]:
+    """``out`` for one picture; ``<stem>_1.png`` … ``<stem>_<count>.png`` for several."""
+    if count == 1:
+        return [out]
+    stem = os.path.splitext(out)[0]
+    return [f"{stem}_{i}.png" for i in range(1, count + 1)]
+
+
+def format_hits(hits: Sequence[Hit]) -> str:
+    from prettytable import PrettyTable
+
+    table = PrettyTable(["rank", "score", "id", "path"])
+    table.align["path"] = "l"
+    for hit in hits:
+        table.add_row([hit.rank, f"{hit.score:.4f}", hit.pid, hit.path])
+    return table.get_string()
+
+
+def hit_groups(hits: Sequence[Hit]) -> list:
+    """One group: the images best first, each labelled with rank, score and person id."""
+    from utils.visualization import Tile, TileGroup, score_label
+
+    tiles = [Tile(h.path, score_label(h.rank, h.score, h.pid)) for h in hits]
+    return [TileGroup(f"Top {len(hits)}, best first", tiles)]
+
+
+def describe(num_hits: int, num_images: int, split: str, run_dir: str, checkpoint: str) -> str:
+    """The picture's subtitle: what was searched, with which weights."""
+    return (f"top {num_hits} of {num_images} {split} images by cosine similarity \u2014 run "
+            f"{os.path.basename(run_dir)}, {os.path.basename(checkpoint)}")
+
+
+def run(cli: argparse.Namespace) -> list[list[Hit]]:
+    """Search every query of ``cli``; returns the hits of each query (pictures written, tables printed)."""
+    from utils.gallery import load_gallery, load_split
+    from utils.logger import setup_logger
+    from utils.run_loading import load_run_model, open_run_from_cli
+    from utils.visualization import draw_ranking, quote
+
+    handle = open_run_from_cli(cli)
+    setup_logger("IRRA", save_dir=None)
+    data = load_split(handle.args, cli.split)
+    model = load_run_model(handle)
+    gallery = load_gallery(model, handle, cli.split, data, rebuild=cli.rebuild_cache)
+    results = search(model, handle, gallery, cli.queries, cli.topk)
+    outs = picture_paths(cli.out or os.path.join(handle.run_dir, "search.png"), len(cli.queries))
+    for number, (query, hits, out) in enumerate(zip(cli.queries, results, outs), start=1):
+        draw_ranking(out, quote(query), hit_groups(hits),
+                     subtitle=describe(len(hits), len(gallery.paths), cli.split, handle.run_dir, handle.checkpoint))
+        print(f"\nQuery {number}: {query}\n{format_hits(hits)}\npicture: {out}")
+    return results
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return run_main(parse_args, run, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Command-line helpers around a run folder (``python tools/<tool>.py --help``)."""

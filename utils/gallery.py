@@ -1,0 +1,246 @@
+"""Rank a split's images for captions, with the image embeddings encoded once and cached beside the run.
+
+Used by ``search.py`` (free-text queries) and ``visualize.py`` (the benchmark's own captions).
+
+Cache
+-----
+Encoding a gallery is the slow part (thousands of images through the vision transformer); a caption is
+cheap. :func:`load_gallery` therefore stores the gallery's L2-normalised embeddings in
+``<run>/gallery_cache/<split>-<checkpoint name>.pt`` and reuses them while nothing they depend on changed.
+The cache key holds the checkpoint's name, size and modification time, a SHA-256 of the gallery (every
+image's person id, path, size and modification time, in order), and the options that change the embedding
+(dataset, split, model, image size, precision). Any difference rebuilds the file; it is written to a
+temporary name and renamed, so an interrupted run never leaves a half-written cache. A run folder that
+cannot be written to still works, without a cache.
+
+Ranking follows :mod:`utils.metrics`: descending similarity of normalised features, ties broken by the lower
+gallery index (a stable sort), ranks counted from 1.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from utils.errors import UserError
+from utils.run_loading import RunHandle
+
+logger = logging.getLogger(__name__)
+
+CACHE_VERSION = 1
+CACHE_DIR = "gallery_cache"
+SPLITS = ("test", "val")
+
+
+@dataclass
+class Gallery:
+    """The images of one split and their embeddings.
+
+    Attributes:
+        pids: ``[G]`` person id of each image.
+        paths: ``[G]`` image file paths.
+        feats: ``[G, D]`` float32 L2-normalised image embeddings, on the CPU.
+        from_cache: whether ``feats`` were read from the cache rather than encoded now.
+    """
+
+    pids: list[int]
+    paths: list[str]
+    feats: torch.Tensor
+    from_cache: bool
+
+
+def load_split(args, split: str) -> dict[str, list]:
+    """The ``image_pids``, ``img_paths``, ``caption_pids`` and ``captions`` of the run's ``split``.
+
+    Raises:
+        UserError: unknown split, a dataset without that split, or the dataset cannot be read.
+    """
+    from datasets import build_dataset
+
+    if split not in SPLITS:
+        raise UserError(f"--split must be one of {', '.join(SPLITS)}, got {split!r}")
+    dataset = build_dataset(args.dataset_name, args.root_dir, verbose=False)
+    data = dataset.val if split == "val" else dataset.test
+    if data is None or not data["img_paths"]:
+        raise UserError(f"{args.dataset_name} under {args.root_dir} has no '{split}' images; "
+                        f"use --split {'test' if split == 'val' else 'val'}")
+    return data
+
+
+def _gallery_digest(pids: Sequence[int], paths: Sequence[str]) -> str:
+    digest = hashlib.sha256()
+    for pid, path in zip(pids, paths):
+        try:
+            stat = os.stat(path)
+        except OSError:
+            raise UserError(f"image file {path} of the gallery cannot be read; check --root_dir") from None
+        digest.update(f"{pid}\t{path}\t{stat.st_size}\t{stat.st_mtime_ns}\n".encode())
+    return digest.hexdigest()
+
+
+def cache_key(run: RunHandle, split: str, pids: Sequence[int], paths: Sequence[str]) -> dict[str, Any]:
+    """Everything the cached embeddings of ``split`` depend on (see the module docstring)."""
+    stat = os.stat(run.checkpoint)
+    args = run.args
+    return {
+        "version": CACHE_VERSION,
+        "checkpoint": [os.path.basename(run.checkpoint), stat.st_size, stat.st_mtime_ns],
+        "gallery": _gallery_digest(pids, paths),
+        "num_images": len(paths),
+        "dataset_name": str(args.dataset_name),
+        "split": split,
+        "model": str(getattr(args, "model", None) or "irra"),
+        "img_size": [int(v) for v in args.img_size],
+        "precision": str(args.precision),
+    }
+
+
+def cache_path(run: RunHandle, split: str) -> str:
+    """Where the embeddings of ``split`` computed with the run's checkpoint are cached."""
+    stem = os.path.splitext(os.path.basename(run.checkpoint))[0]
+    return os.path.join(run.run_dir, CACHE_DIR, f"{split}-{stem}.pt")
+
+
+def _read_cache(path: str, key: dict[str, Any]) -> torch.Tensor | None:
+    """The cached ``[G, D]`` features when ``path`` holds a cache made under ``key``, else None."""
+    if not os.path.isfile(path):
+        return None
+    try:
+        data = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # a damaged cache is rebuilt, whatever torch raises for it
+        logger.warning("Ignoring the unreadable gallery cache %s (%s: %s)", path, type(err).__name__, err)
+        return None
+    if not isinstance(data, dict) or data.get("key") != key:
+        logger.info("Gallery cache %s is stale (checkpoint, images or options changed); re-encoding", path)
+        return None
+    feats = data.get("feats")
+    if not isinstance(feats, torch.Tensor) or feats.dim() != 2 or feats.shape[0] != key["num_images"]:
+        logger.warning("Ignoring the malformed gallery cache %s", path)
+        return None
+    return feats.float()
+
+
+def _write_cache(path: str, key: dict[str, Any], feats: torch.Tensor) -> None:
+    tmp = f"{path}.tmp.{os.getpid()}"
+    try:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        torch.save({"key": key, "feats": feats}, tmp)
+        os.replace(tmp, path)
+        logger.info("Cached the gallery embeddings in %s", path)
+    except OSError as err:
+        logger.warning("Could not write the gallery cache %s (%s); the gallery will be encoded again next time",
+                       path, err)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def encode_images(model: nn.Module, run: RunHandle, paths: Sequence[str]) -> torch.Tensor:
+    """``[G, D]`` float32 L2-normalised embeddings of the image files, on the CPU (the test transform)."""
+    from datasets import ImageDataset, build_transforms
+    from datasets.build import make_loader
+
+    dataset = ImageDataset([0] * len(paths), paths, build_transforms(run.args.img_size, is_train=False))
+    loader = make_loader(dataset, run.args.test_batch_size, run.args.num_workers,
+                         pin_memory=run.device.type == "cuda", seed=0)
+    feats = []
+    with torch.inference_mode():
+        for _, images in loader:
+            with run.precision.autocast():
+                feats.append(model.encode_image(images.to(run.device)).float())
+    return F.normalize(torch.cat(feats), dim=1).cpu()
+
+
+def encode_captions(model: nn.Module, run: RunHandle, captions: Sequence[str]) -> torch.Tensor:
+    """``[Q, D]`` float32 L2-normalised embeddings of the captions, on the CPU.
+
+    Captions longer than the run's ``text_length`` are cut (as in training) with a warning.
+    """
+    from datasets import tokenize_captions
+    from utils.simple_tokenizer import SimpleTokenizer
+
+    tokenizer = SimpleTokenizer()
+    length = run.args.text_length
+    for caption in captions:
+        tokens = len(tokenizer.encode(caption)) + 2
+        if tokens > length:
+            logger.warning("The caption %r has %d tokens; only its first %d are used (the run's text_length)",
+                           caption[:60], tokens, length)
+    ids = tokenize_captions(captions, tokenizer, length)
+    feats = []
+    with torch.inference_mode():
+        for start in range(0, len(captions), run.args.test_batch_size):
+            with run.precision.autocast():
+                batch = ids[start:start + run.args.test_batch_size].to(run.device)
+                feats.append(model.encode_text(batch).float())
+    return F.normalize(torch.cat(feats), dim=1).cpu()
+
+
+def load_gallery(model: nn.Module, run: RunHandle, split: str, data: dict[str, list],
+                 rebuild: bool = False) -> Gallery:
+    """The split's gallery with its embeddings: from the cache when it is current, else encoded (and cached).
+
+    Args:
+        model: the run's model (see :func:`utils.run_loading.load_run_model`).
+        run: the opened run.
+        split: ``'test'`` or ``'val'``, part of the cache's name and key.
+        data: the split (see :func:`load_split`).
+        rebuild: encode even when the cache is current.
+    """
+    pids, paths = list(data["image_pids"]), list(data["img_paths"])
+    key = cache_key(run, split, pids, paths)
+    path = cache_path(run, split)
+    feats = None if rebuild else _read_cache(path, key)
+    if feats is not None:
+        logger.info("Using the cached embeddings of %d %s images from %s", len(paths), split, path)
+        return Gallery(pids, paths, feats, from_cache=True)
+    logger.info("Encoding %d %s images (once; the embeddings are cached)", len(paths), split)
+    feats = encode_images(model, run, paths)
+    _write_cache(path, key, feats)
+    return Gallery(pids, paths, feats, from_cache=False)
+
+
+@dataclass(frozen=True)
+class Hit:
+    """One ranked gallery image: 1-based rank, cosine similarity, person id, file, index in the gallery."""
+
+    rank: int
+    score: float
+    pid: int
+    path: str
+    index: int
+
+
+def hits_at(gallery: Gallery, scores: torch.Tensor, order: torch.Tensor, ranks: Iterable[int]) -> list[Hit]:
+    """The gallery images at the 1-based ``ranks`` of one query (``scores`` and ``order``: ``[G]`` rows of
+    :func:`rank_gallery`); ranks beyond the gallery are skipped."""
+    hits = []
+    for rank in ranks:
+        if rank > len(order):
+            break
+        index = int(order[rank - 1])
+        hits.append(Hit(rank, float(scores[index]), gallery.pids[index], gallery.paths[index], index))
+    return hits
+
+
+def rank_gallery(query_feats: torch.Tensor, gallery_feats: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Similarities and ranking of the gallery for each query.
+
+    Args:
+        query_feats: ``[Q, D]`` L2-normalised query embeddings.
+        gallery_feats: ``[G, D]`` L2-normalised gallery embeddings.
+
+    Returns:
+        ``(scores [Q, G], order [Q, G])``: cosine similarities, and gallery indices best first (ties: lower
+        index first, as in :mod:`utils.metrics`).
+    """
+    scores = query_feats @ gallery_feats.t()
+    order = torch.sort(scores, dim=1, descending=True, stable=True).indices
+    return scores, order
