@@ -109,17 +109,13 @@ def run(args) -> tuple[float, int]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     from utils.comm import shutdown
+    from utils.entry import run_main
     from utils.options import get_args
 
     try:
-        args = get_args(argv)
-        run(args)
-    except UserError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+        return run_main(get_args, run, argv)
     finally:
         shutdown()
-    return 0
 
 
 if __name__ == "__main__":

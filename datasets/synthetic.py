@@ -736,25 +736,25 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    """Entry point; returns the process exit status."""
+    """Entry point; returns the process exit status (2 after a one-line ``error:`` for bad input)."""
+    from utils.entry import run_main
+
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    args = parse_args(argv)
+    return run_main(parse_args, _write_all, argv)
+
+
+def _write_all(args: argparse.Namespace) -> None:
     names = list(DATASETS) if args.dataset_name == "all" else [args.dataset_name]
-    try:
-        for name in names:
-            write_synthetic(
-                args.root, name, num_ids=args.num_ids, seed=args.seed, images_per_id=args.images_per_id,
-                num_test_ids=args.num_test_ids, num_val_ids=args.num_val_ids,
-                image_size=tuple(args.image_size), jpeg_quality=args.jpeg_quality, reuse=args.reuse,
-            )
-            if args.contact_sheet:
-                stem, ext = os.path.splitext(args.contact_sheet)
-                out = args.contact_sheet if len(names) == 1 else f"{stem}_{name}{ext or '.png'}"
-                render_contact_sheet(args.root, name, out)
-    except UserError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    return 0
+    for name in names:
+        write_synthetic(
+            args.root, name, num_ids=args.num_ids, seed=args.seed, images_per_id=args.images_per_id,
+            num_test_ids=args.num_test_ids, num_val_ids=args.num_val_ids,
+            image_size=tuple(args.image_size), jpeg_quality=args.jpeg_quality, reuse=args.reuse,
+        )
+        if args.contact_sheet:
+            stem, ext = os.path.splitext(args.contact_sheet)
+            out = args.contact_sheet if len(names) == 1 else f"{stem}_{name}{ext or '.png'}"
+            render_contact_sheet(args.root, name, out)
 
 
 if __name__ == "__main__":
