@@ -4,6 +4,7 @@
 #   bash run.sh irra     CUHK-PEDES|ICFG-PEDES|RSTPReid DATA_ROOT [extra train.py flags]
 #   bash run.sh clip_sdm DATASET DATA_ROOT [...]   # CLIP fine-tuning baseline, SDM only
 #   bash run.sh clip_itc DATASET DATA_ROOT [...]   # CLIP fine-tuning baseline, ITC only
+#   bash run.sh php      DATASET DATA_ROOT [...]   # PHP (IRRA + part parsing with experts), docs/php.md
 #   bash run.sh demo                               # synthetic data, tiny CLIP from scratch, CPU, < 10 min
 #
 # GPUs: set NPROC=N to launch N processes with torchrun (--batch_size stays the global batch).
@@ -11,7 +12,7 @@ set -euo pipefail
 cd "$(dirname "$0")"
 PYTHON=${PYTHON:-python3}
 
-usage() { sed -n '2,9p' "$0" | sed 's/^# \{0,1\}//'; exit 2; }
+usage() { sed -n '2,10p' "$0" | sed 's/^# \{0,1\}//'; exit 2; }
 
 recipe_for() {  # method dataset -> configs/<method>_<dataset>.yaml
     local dataset
@@ -34,7 +35,7 @@ launch() {
 [[ $# -ge 1 ]] || usage
 method=$1; shift
 case "$method" in
-    irra|clip_sdm|clip_itc)
+    irra|clip_sdm|clip_itc|php)
         [[ $# -ge 2 ]] || usage
         dataset=$1; root=$2; shift 2
         recipe=$(recipe_for "$method" "$dataset")
@@ -46,12 +47,14 @@ case "$method" in
         data=${DEMO_DATA:-demo_data}
         out=${DEMO_OUT:-logs/demo}
         start=$(date +%s)
-        if [[ ! -f "$data/CUHK-PEDES/reid_raw.json" ]]; then
-            $PYTHON -m datasets.synthetic --root "$data" --dataset_name CUHK-PEDES
-        fi
+        $PYTHON -m datasets.synthetic --root "$data" --dataset_name CUHK-PEDES --num_ids 700 --num_test_ids 100 \
+            --num_val_ids 50 --reuse
         $PYTHON train.py --config_file configs/demo.yaml --root_dir "$data" --output_dir "$out" "$@"
         run_dir=$(latest_run "$out/CUHK-PEDES")
         $PYTHON test.py --config_file "${run_dir}configs.yaml"
+        $PYTHON search.py --config_file "${run_dir}configs.yaml" --out "${run_dir}search.png" \
+            --query "a woman in a red coat with a black backpack"
+        $PYTHON tools/plot_curves.py "$run_dir" --out "${run_dir}curves.png"
         echo "demo finished in $(( $(date +%s) - start )) s; run folder: $run_dir"
         ;;
     *) usage ;;

@@ -1,6 +1,8 @@
-"""IRRA model package: ``from model import build_model`` as in IRRA."""
+"""IRRA model package: ``from model import build_model`` as in IRRA; PHP (``--model php``) builds on it."""
 
 from model.build import IRRA, LOSS_NAMES, build_model
+from model.moe import MixtureOfAdapters, ResidualAdapter
+from model.php import PHP, ExpertParsingTransformer, PartTokenMapping
 from model.clip_model import (
     ARCHITECTURES,
     CLIP,
@@ -20,8 +22,13 @@ __all__ = [
     "CLIPConfig",
     "CLIPTextCfg",
     "CLIPVisionCfg",
+    "ExpertParsingTransformer",
     "IRRA",
     "LOSS_NAMES",
+    "MixtureOfAdapters",
+    "PHP",
+    "PartTokenMapping",
+    "ResidualAdapter",
     "build_clip",
     "build_model",
     "config_from_state_dict",

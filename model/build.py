@@ -226,17 +226,22 @@ def apply_precision(model: nn.Module, args) -> nn.Module:
     return model
 
 
-def build_irra(args, num_classes: int = 11003, clip_config: CLIPConfig | None = None) -> IRRA:
-    """IRRA from the training argument namespace."""
-    model = IRRA(
-        build_backbone(args, clip_config),
-        num_classes=num_classes,
+def irra_arguments(args, clip_config: CLIPConfig | None = None) -> dict:
+    """The :class:`IRRA` constructor arguments read from ``args`` (all but ``num_classes`` and ``loss_weights``),
+    shared by the models built on IRRA."""
+    return dict(
+        base_model=build_backbone(args, clip_config),
         loss_names=parse_loss_names(args.loss_names),
         temperature=args.temperature,
         cmt_depth=args.cmt_depth,
         vocab_size=args.vocab_size,
-        loss_weights={"id": args.id_loss_weight, "mlm": args.mlm_loss_weight},
     )
+
+
+def build_irra(args, num_classes: int = 11003, clip_config: CLIPConfig | None = None) -> IRRA:
+    """IRRA from the training argument namespace."""
+    weights = {"id": args.id_loss_weight, "mlm": args.mlm_loss_weight}
+    model = IRRA(num_classes=num_classes, loss_weights=weights, **irra_arguments(args, clip_config))
     return apply_precision(model, args)
 
 

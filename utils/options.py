@@ -13,8 +13,8 @@ from utils.iotools import read_yaml
 
 DATASETS = ("CUHK-PEDES", "ICFG-PEDES", "RSTPReid")
 DATASETS_WITHOUT_VAL = ("ICFG-PEDES",)
-MODELS = ("irra",)
-LOSSES = {"irra": ("itc", "sdm", "cmpm", "id", "mlm")}
+MODELS = ("irra", "php")
+LOSSES = {"irra": ("itc", "sdm", "cmpm", "id", "mlm"), "php": ("itc", "sdm", "cmpm", "id", "mlm", "aux")}
 PRECISIONS = ("auto", "fp16", "amp", "fp32")
 
 # Entries our own configs.yaml holds that are results of a run rather than options; a recipe may contain them.
@@ -69,6 +69,20 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--stride_size", type=_positive_int, default=16, help="patch stride (smaller than the patch = overlap)")
     g.add_argument("--text_length", type=_positive_int, default=77)
     g.add_argument("--vocab_size", type=_positive_int, default=49408)
+
+    g = p.add_argument_group("PHP (--model php)")
+    g.add_argument("--cnum", type=_positive_int, default=9, help="CRFM part tokens")
+    g.add_argument("--num_experts", type=_positive_int, default=4, help="experts (adapters) per EFP layer")
+    g.add_argument("--topk", type=_positive_int, default=2, help="experts each token is routed to")
+    g.add_argument("--reduction", type=_positive_int, default=8, help="expert bottleneck = embed width // reduction")
+    g.add_argument("--moe_layers", type=_positive_int, default=4, help="EFP blocks")
+    g.add_argument("--moe_heads", type=_positive_int, default=8, help="attention heads of the EFP blocks")
+    g.add_argument("--aux_factor", type=float, default=0.5, help="weight of the EFP load-balancing loss 'aux'")
+    g.add_argument("--moe_lr_factor", type=float, default=2.0, help="learning-rate factor of the EFP experts and gates")
+    g.add_argument("--transformer_lr_factor", type=float, default=1.0, help="learning-rate factor of the EFP blocks")
+    g.add_argument("--efp_attention", default="tokens", choices=("tokens", "batch"),
+                   help="tokens: EFP attends over each sample's part tokens; batch: across the batch, as the "
+                        "released code does (to evaluate its checkpoints; see docs/php.md)")
 
     g = p.add_argument_group("solver")
     g.add_argument("--optimizer", default="Adam", choices=("SGD", "Adam", "AdamW"))
@@ -148,6 +162,15 @@ def check_args(args: argparse.Namespace) -> None:
             raise UserError("--MLM builds masked captions but 'mlm' is not in --loss_names; add +mlm or drop --MLM")
         raise UserError("'mlm' is in --loss_names but --MLM is not set, so no masked captions are built; "
                         "add --MLM or remove mlm from --loss_names")
+    if args.model == "php":
+        if losses == ["aux"]:
+            raise UserError("--loss_names aux: the load-balancing term alone trains nothing to retrieve; add a "
+                            "matching loss, e.g. sdm+itc+aux")
+        if args.topk > args.num_experts:
+            raise UserError(f"--topk {args.topk} exceeds --num_experts {args.num_experts}: each token picks "
+                            f"topk distinct experts")
+        if args.aux_factor < 0:
+            raise UserError(f"--aux_factor must be ≥ 0, got {args.aux_factor}")
     height, width = args.img_size
     if height < 1 or width < 1:
         raise UserError(f"--img_size {height} {width}: both sides must be positive")
