@@ -81,3 +81,16 @@ def test_released_layout_checkpoint_evaluates(php_run, tmp_path):
                             "--device", "cpu"]) == 0
     log = open(tmp_path / "test_log.txt").read()
     assert "Ignored 1 checkpoint entries" in log and "across the samples of a batch" in log
+
+
+def test_released_config_without_model_key_is_recognised_from_its_weights(php_run, tmp_path):
+    """Released PHP configs do not name the model; the safl.* weights in best.pth make test.py build PHP."""
+    run_dir, data = php_run
+    config = yaml.safe_load(open(os.path.join(run_dir, "configs.yaml")))
+    config.pop("model")
+    with open(tmp_path / "configs.yaml", "w") as handle:
+        yaml.safe_dump(config, handle)
+    os.link(os.path.join(run_dir, "best.pth"), tmp_path / "best.pth")
+    assert test_entry.main(["--config_file", str(tmp_path / "configs.yaml"), "--root_dir", data,
+                            "--device", "cpu"]) == 0
+    assert "holds PHP modules (safl.*): building --model php" in open(tmp_path / "test_log.txt").read()

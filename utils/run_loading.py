@@ -133,6 +133,12 @@ def load_run_model(run: RunHandle) -> nn.Module:
     if not clip_state:
         raise UserError(f"checkpoint {run.checkpoint} has no base_model.* weights; it is not an IRRA-style checkpoint")
     clip_config = config_from_state_dict(clip_state)
+    if getattr(run.args, "model", "irra") == "irra" and any(k.startswith("safl.") for k in state):
+        # Released PHP runs have no `model` entry in their configs.yaml; their weights say what they are.
+        logger.info("Checkpoint %s holds PHP modules (safl.*): building --model php (efp_attention %s; use "
+                    "efp_attention: batch in the config to reproduce the released code's scores)",
+                    run.checkpoint, getattr(run.args, "efp_attention", "tokens"))
+        run.args.model = "php"
     # Without an identity classifier in the checkpoint the number of classes is unused (any positive value).
     num_classes = state["classifier.weight"].shape[0] if "classifier.weight" in state else 1
     model = build_model(run.args, num_classes, clip_config=clip_config)
