@@ -177,8 +177,9 @@ class IRRA(nn.Module):
                 image_logits = self._classify(image_feats)
                 text_logits = self._classify(text_feats)
                 out["id_loss"] = objectives.compute_id(image_logits, text_logits, pids) * weights["id"]
-                out["img_acc"] = all_gather_no_grad((image_logits.argmax(dim=1) == pids).float()).mean()
-                out["txt_acc"] = all_gather_no_grad((text_logits.argmax(dim=1) == pids).float()).mean()
+                # Local accuracies: the trainer all-reduces every logged mean across processes.
+                out["img_acc"] = (image_logits.argmax(dim=1) == pids).float().mean()
+                out["txt_acc"] = (text_logits.argmax(dim=1) == pids).float().mean()
         if "mlm" in self.loss_names:
             mlm_ids = batch["mlm_ids"]
             # IRRA masks the caption in place, so by default mlm_ids equals caption_ids: the text encoder's
