@@ -44,6 +44,8 @@ case "$method" in
         $PYTHON test.py --config_file "${run_dir}configs.yaml"
         ;;
     demo)
+        # Spinning OpenMP threads make small CPU models several times slower on a shared or busy machine.
+        export OMP_WAIT_POLICY=${OMP_WAIT_POLICY:-PASSIVE}
         data=${DEMO_DATA:-demo_data}
         out=${DEMO_OUT:-logs/demo}
         start=$(date +%s)

@@ -1,6 +1,10 @@
 import os
 import sys
 
+# Set before torch starts OpenMP (and inherited by the train.py/torchrun subprocesses some tests launch):
+# spinning OpenMP threads make small CPU workloads several times slower on shared 2-core machines.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 # Tests import the project's packages from the repository root, as the entry points do.
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
