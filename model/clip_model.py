@@ -73,7 +73,7 @@ ARCHITECTURES: dict[str, CLIPConfig] = {
     "ViT-B/16": _vit(512, 16, 768, 12, 512, 12),
     "ViT-L/14": _vit(768, 14, 1024, 24, 768, 12),
     "ViT-L/14@336px": _vit(768, 14, 1024, 24, 768, 12),
-    "tiny": _vit(128, 16, 128, 2, 128, 2),
+    "tiny": _vit(96, 16, 96, 2, 96, 2),
 }
 
 # OpenAI's release URLs; the folder name is the SHA256 of the file.

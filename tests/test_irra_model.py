@@ -213,7 +213,7 @@ def test_build_model_from_args():
     assert model.loss_names == ("sdm", "mlm", "id") and model.classifier.out_features == 7
     assert model.loss_weights["id"] == 0.5 and model.loss_weights["mlm"] == 2.0
     assert model.logit_scale == pytest.approx(20.0) and len(model.cross_modal_transformer.resblocks) == 1
-    assert model.base_model.config.embed_dim == 128
+    assert model.base_model.config.embed_dim == 96
     with pytest.raises(UserError, match="Unknown loss"):
         build_model(args_namespace(loss_names="sdm+idd"))
 
