@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
-from typing import Callable, ContextManager
+from typing import ContextManager
 
 import torch
 
@@ -52,10 +52,6 @@ class Precision:
         if dtype is None:
             return contextlib.nullcontext()
         return torch.autocast(device_type=self.device.type, dtype=dtype)
-
-    @property
-    def autocast_factory(self) -> Callable[[], ContextManager]:
-        return self.autocast
 
     def grad_scaler(self) -> torch.amp.GradScaler:
         """A scaler that is only enabled for fp16 autocast (bf16 and fp32 need none; IRRA's fp16 uses none)."""
