@@ -1,4 +1,4 @@
-"""Retrieval evaluation: CMC (Rank-k), mAP and mINP, exact, fast and memory-bounded.
+"""Retrieval evaluation: CMC (Rank-k), mAP and mINP, exact and memory-bounded, with an optional re-ranking step.
 
 Convention (as IRRA): captions are the queries, images the gallery, and the similarity of a query and a
 gallery item is the dot product of their L2-normalised features. ``i2t`` swaps the two roles.
@@ -9,7 +9,7 @@ Each query sorts the gallery by descending similarity; **ties are broken by gall
 first**, which is exactly what a *stable* descending sort gives. The rank of a gallery item (1-based) is
 therefore ``1 + #{i : s_i > s_j} + #{i < j : s_i == s_j}``. The top-k indices returned by :func:`rank`
 follow the same rule. Similarities are compared in their own dtype (float16/bfloat16 are widened to
-float32 first, which is exact); ``-0.0`` and ``0.0`` are equal, NaN is refused.
+float32 first, which is exact); ``-0.0`` and ``0.0`` are equal, ``±inf`` are allowed, NaN is refused.
 
 Metrics, for a query with ``n >= 1`` correct gallery items at ranks ``r_1 < ... < r_n``:
 
@@ -21,25 +21,34 @@ Queries without any correct gallery item (IRRA would divide by zero and report N
 CMC and are left out of mAP and mINP; a warning says how many there were. If no query has a correct item
 the evaluation is meaningless and :class:`~utils.errors.UserError` is raised.
 
-How it stays fast and small
----------------------------
-Nothing of size ``[Q, G]`` is sorted or allocated. Queries are processed in chunks of rows (sized from a
-memory budget unless ``chunk_size`` is given) and per chunk, with buffers reused from chunk to chunk:
+Re-ranking
+----------
+A method may re-score each query's top ``K`` gallery items (in the order above) with a slower model, e.g. a
+cross-encoder. The final ranking puts those ``K`` items first, ordered by their new score (higher is better;
+ties keep their first-stage order), followed by every other item in its first-stage order. Metrics and
+top-k indices are computed on the final ranking.
 
-1. The maxima of blocks of consecutive gallery items give each row a threshold ``tau`` that at least
-   ``max_rank + 1`` items reach (the (k+1)-th largest block maximum).
-2. Every score is mapped to one of ``bins`` per-row bins by a monotone function stretched between
-   ``min(worst correct item, tau)`` and the row maximum, and a histogram of the bins is counted. These
-   passes over every score run on blocks of rows small enough to stay in the CPU cache.
-3. An item in a higher (lower) bin than a correct item surely precedes (follows) it, so the histogram
-   settles all items but those sharing a bin with a correct item. Those, and the items in bins at or
-   above ``tau``'s (the top-k candidates), are gathered in one scan — a few hundred per row — and
-   compared exactly: each is placed among its query's sorted correct items by a vectorised binary search,
-   and the top-k candidates are sorted by (score desc, index asc).
+Two implementations, same results
+---------------------------------
+``method="reference"`` (:func:`_rank_chunk_by_sorting`) sorts every row: short and obviously correct, but
+``O(G log G)`` per query. ``method="fast"`` (the default, :func:`_rank_chunk_fast`) never sorts a row. Rows are
+taken in blocks that stay in the CPU cache, and for each block:
 
-The cost is a handful of elementwise passes over the chunk plus work proportional to the gathered items;
-rows with infinite scores (or galleries too small for step 1) compare every item above their range's
-low end instead, which is exact but slower.
+1. Every score gets an integer *bin*: ``(row maximum - score) * scale``, truncated, with ``bins`` bins per row.
+   A higher score never gets a higher bin number, so an item in a lower-numbered bin surely precedes one in
+   a higher-numbered bin (:func:`_bin_keys`).
+2. A histogram of the bins gives, for each correct item, how many items lie in lower-numbered bins; and the
+   bins that hold the ``k`` best items (the *top bins*).
+3. Only two kinds of item need exact comparisons: those sharing a bin with a correct item (to know which of
+   them precede it) and those in the top bins (to sort them). One lookup pass gathers them
+   (:func:`_scan_block`); with thousands of bins per row they are a fraction of a percent of the scores.
+4. A correct item's rank is ``1 +`` the items in lower-numbered bins ``+`` the items of its own bin that
+   precede it (:func:`_ranks_of_correct`); the top-k are the first ``k`` gathered top-bin items sorted by
+   (score desc, index asc) (:func:`_top_k_of`).
+
+The cost is about ten passes over each block while it is in cache, plus work proportional to the gathered
+items; nothing of size ``[Q, G]`` is sorted or allocated, and from features (:func:`rank_features`) the
+similarity matrix is computed one chunk of queries at a time.
 """
 from __future__ import annotations
 
@@ -47,7 +56,7 @@ import contextlib
 import logging
 import math
 import operator
-from typing import Callable, ContextManager, Dict, Iterable, List, Optional, Sequence, Tuple, Union
+from typing import Callable, ContextManager, Dict, Iterable, Iterator, List, Mapping, NamedTuple, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -59,6 +68,7 @@ logger = logging.getLogger(__name__)
 
 __all__ = [
     "DEFAULT_MEMORY_BUDGET_BYTES",
+    "METHODS",
     "Evaluator",
     "auto_chunk_size",
     "evaluate",
@@ -67,26 +77,28 @@ __all__ = [
     "rank_features",
 ]
 
-#: Work-tensor budget used to choose the query chunk size when ``chunk_size`` is None.
-DEFAULT_MEMORY_BUDGET_BYTES = 256 * 2**20
+#: Budget for one chunk of similarities (``rank_features``) or sorted rows (``method="reference"``), used to
+#: choose the query chunk size when ``chunk_size`` is None.
+DEFAULT_MEMORY_BUDGET_BYTES = 128 * 2**20
 
-# Work bytes per (query, gallery) element of a chunk: scan mask (1) and, when the scores must be widened
-# or made contiguous, their copy (up to 8). The bin passes use buffers of _BLOCK_ELEMENTS items only.
-_BYTES_PER_ELEMENT = 9
-# Work bytes per (query, correct item) pair: sorted scores and indices, bin numbers, ranks, sums.
+#: Ranking implementations: the fast one and its sort-based reference twin.
+METHODS = ("fast", "reference")
+
+#: ``rerank(query_indices [q] int64, gallery_indices [q, K] int64) -> new scores [q, K]`` (higher is better).
+Reranker = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+# Work bytes per similarity of a chunk: fast path, the chunk's scores when they are computed (features);
+# reference, the sorted row (values and indices), the final order and its hit flags and running sums.
+_BYTES_PER_SCORE = {"fast": 4, "reference": 40}
+# Work bytes per (query, correct item) pair: sorted scores and indices, bins, counts, ranks.
 _BYTES_PER_CORRECT = 96
-# Work bytes per item compared exactly: coordinates, score, bin, flags, search state. A chunk whose
-# candidates would exceed the budget is halved.
-_BYTES_PER_CANDIDATE = 128
 
-# Scores binned per pass: rows are taken in blocks of about this many items so that the work stays in cache.
-_BLOCK_ELEMENTS = 2**19
-
-# Widest block of the block maxima that bound the top-k search (see _top_threshold).
-_TOP_BLOCK = 64
-
-# Gallery index of padding among a query's sorted correct items: after every real index.
-_NO_INDEX = torch.iinfo(torch.int64).max
+# Scores per block of the fast path: small enough for the block's work tensors to stay in the CPU cache.
+_BLOCK_ELEMENTS = 2**20
+# Gathered items above which the fast path resolves the rows scanned so far (bounds their memory).
+_MAX_CANDIDATES = 2**20
+# Most bins per row; a row gets about one bin per four gallery items up to this.
+_MAX_BINS = 4096
 
 # Keys of the per-direction result dictionaries, in table order.
 RESULT_KEYS = ("R1", "R5", "R10", "mAP", "mINP")
@@ -117,29 +129,39 @@ def _as_pids(pids: PidsLike, name: str, expected: int, what: str, device: torch.
     return tensor.to(device=device, dtype=torch.int64)
 
 
-def _positive_int(value, name: str, hint: str = "") -> int:
-    """``value`` as a Python int >= 1 (numpy and 0-d tensor integers accepted), or UserError."""
+def _nonnegative_int(value, name: str, minimum: int = 1, hint: str = "") -> int:
+    """``value`` as a Python int >= ``minimum`` (numpy and 0-d tensor integers accepted), or UserError."""
     try:
         number = operator.index(value) if not isinstance(value, bool) else None
     except TypeError:
         number = None
-    if number is None or number < 1:
-        raise UserError(f"{name} must be an integer >= 1{hint}; got {value!r}")
+    if number is None or number < minimum:
+        raise UserError(f"{name} must be an integer >= {minimum}{hint}; got {value!r}")
     return number
 
 
-def _check_max_rank(max_rank) -> int:
-    return _positive_int(max_rank, "max_rank")
-
-
 def _check_chunk_size(chunk_size) -> Optional[int]:
-    return None if chunk_size is None else _positive_int(chunk_size, "chunk_size", " (or None for automatic)")
+    return None if chunk_size is None else _nonnegative_int(chunk_size, "chunk_size", hint=" (or None for automatic)")
+
+
+def _check_method(method) -> str:
+    if method not in METHODS:
+        raise UserError(f"method must be one of {', '.join(METHODS)}; got {method!r}")
+    return method
+
+
+def _check_rerank(rerank, rerank_topk) -> int:
+    """``rerank_topk`` as an int; 0 when re-ranking is off (no callable or ``rerank_topk=0``)."""
+    topk = _nonnegative_int(rerank_topk, "rerank_topk", minimum=0, hint=" (0 turns re-ranking off)")
+    if rerank is not None and not callable(rerank):
+        raise UserError(f"rerank must be a callable (query_indices, gallery_indices) -> scores; got {type(rerank).__name__}")
+    return topk if rerank is not None else 0
 
 
 def auto_chunk_size(
     num_gallery: int,
     max_correct: int = 0,
-    bytes_per_element: int = _BYTES_PER_ELEMENT,
+    bytes_per_element: int = 4,
     budget_bytes: int = DEFAULT_MEMORY_BUDGET_BYTES,
 ) -> int:
     """Number of query rows whose work tensors fit in ``budget_bytes`` (at least 1): ``bytes_per_element``
@@ -149,7 +171,7 @@ def auto_chunk_size(
 
 
 # ----------------------------------------------------------------------------------------------------
-# Ranking core
+# Correct items of each query
 # ----------------------------------------------------------------------------------------------------
 class _PidGroups:
     """Gallery indices grouped by person id, to list each query's correct gallery items without a
@@ -166,14 +188,14 @@ class _PidGroups:
         self.counts = counts  # [U]
         self.starts = counts.cumsum(0) - counts  # [U] offset of each group in ``order``
 
-    def count(self, pids: torch.Tensor) -> torch.Tensor:
-        """``[N]`` number of gallery items sharing each of ``pids`` ``[N]`` (0 when none)."""
-        return self._lookup(pids)[1]
-
     def _lookup(self, pids: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         pos = torch.searchsorted(self.unique, pids).clamp(max=self.unique.numel() - 1)
         found = self.unique[pos] == pids
         return self.starts[pos], torch.where(found, self.counts[pos], torch.zeros_like(pos))
+
+    def count(self, pids: torch.Tensor) -> torch.Tensor:
+        """``[N]`` number of gallery items sharing each of ``pids`` ``[N]`` (0 when none)."""
+        return self._lookup(pids)[1]
 
     def positives(self, pids: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         """Correct gallery items of each query.
@@ -193,8 +215,45 @@ class _PidGroups:
         return pos_idx, counts
 
 
+# ----------------------------------------------------------------------------------------------------
+# Reference ranking: sort every row
+# ----------------------------------------------------------------------------------------------------
+def _rank_chunk_by_sorting(
+    scores: torch.Tensor, q_pids: torch.Tensor, g_pids: torch.Tensor, k: int,
+    rescore: Optional[Callable[[torch.Tensor], torch.Tensor]] = None, rerank_topk: int = 0,
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Metrics of a chunk of queries by sorting each row: the reference the fast path is tested against.
+
+    Args:
+        scores: ``[c, G]`` similarities; q_pids: ``[c]``; g_pids: ``[G]``; k: top indices to return (<= G).
+        rescore: ``rescore(gallery_indices [c, K]) -> [c, K]`` new scores of each row's first ``K`` items.
+        rerank_topk: ``K``; 0 ranks by ``scores`` only.
+
+    Returns:
+        ``(top [c, k], first [c], ap [c], inp [c])``: best gallery indices; rank of the first correct item
+        (``G + 1`` without one); AP and INP (float64, 0 without a correct item).
+    """
+    num_gallery = scores.shape[1]
+    order = torch.sort(scores, dim=1, descending=True, stable=True).indices  # [c, G] gallery index at each rank
+    if rescore is not None and rerank_topk > 0:
+        head = order[:, :rerank_topk]
+        new_order = torch.sort(rescore(head), dim=1, descending=True, stable=True).indices
+        order = torch.cat([head.gather(1, new_order), order[:, rerank_topk:]], dim=1)
+    hits = g_pids[order] == q_pids[:, None]  # [c, G] correct item at each rank
+    positions = torch.arange(1, num_gallery + 1, device=scores.device, dtype=torch.float64)
+    num_hits = hits.sum(dim=1)
+    found = num_hits > 0
+    ap = (hits.cumsum(dim=1) / positions * hits).sum(dim=1) / num_hits.clamp(min=1)
+    last = num_gallery - hits.flip(1).to(torch.int8).argmax(dim=1)  # rank of the last correct item
+    first = torch.where(found, hits.to(torch.int8).argmax(dim=1) + 1, num_gallery + 1)
+    return order[:, :k], first, ap * found, num_hits / last * found
+
+
+# ----------------------------------------------------------------------------------------------------
+# Fast ranking: bins, one lookup pass, exact work on the few gathered items
+# ----------------------------------------------------------------------------------------------------
 class _Workspace:
-    """Buffers for the ``[chunk, G]`` work tensors, reused from chunk to chunk."""
+    """Buffers for the per-block work tensors, reused from block to block."""
 
     def __init__(self, device: torch.device):
         self.device = device
@@ -209,287 +268,283 @@ class _Workspace:
             self._buffers[(name, dtype)] = buffer
         return buffer[:numel].view(shape)
 
-    def get_mask(self, name: str, numel: int) -> torch.Tensor:
-        """A flat bool buffer of ``numel`` entries rounded up to a multiple of 8, the padding False."""
-        padded = numel + (-numel) % 8
-        mask = self.get(name, (padded,), torch.bool)
-        mask[numel:] = False
-        return mask
+    def ones(self, shape: Tuple[int, int]) -> torch.Tensor:
+        """An int32 tensor of ones of ``shape`` (a broadcast row, kept filled)."""
+        buffer = self._buffers.get(("ones", torch.int32))
+        if buffer is None or buffer.numel() < shape[1]:
+            buffer = torch.ones(shape[1], dtype=torch.int32, device=self.device)
+            self._buffers[("ones", torch.int32)] = buffer
+        return buffer[: shape[1]].expand(shape)
 
 
 def _nonzero_sparse(mask: torch.Tensor) -> torch.Tensor:
-    """Ascending indices ``[N]`` of the True entries of a flat, mostly-False bool tensor whose length is
-    a multiple of 8; it is scanned 8 entries at a time through an int64 view."""
+    """Ascending indices ``[N]`` of the nonzero entries of a flat, mostly-zero bool or uint8 tensor whose
+    length is a multiple of 8; it is scanned 8 entries at a time through an int64 view."""
     word_index = mask.view(torch.int64).nonzero().squeeze(1)  # [W] words holding a True entry
     hits = mask.view(-1, 8).index_select(0, word_index).nonzero()  # [N, 2]: (word, byte)
     return word_index.index_select(0, hits[:, 0]) * 8 + hits[:, 1]
 
 
-def _num_bins(rows: int, num_gallery: int) -> int:
-    """Histogram bins per row: about one per 16 gallery items, between 8 and 1024, and
-    ``rows * bins <= 2**21`` so that bin numbers are exact in float32 and fit int32."""
-    return max(8, min(1024, num_gallery // 16, 2**21 // max(1, rows)))
-
-
-def _top_threshold(scores: torch.Tensor, k: int) -> Tuple[torch.Tensor, torch.Tensor]:
-    """A per-row score ``tau`` that at least ``k + 1`` items reach, cheaply: the (k+1)-th largest of the
-    maxima of blocks of consecutive items.
-
-    Args:
-        scores: ``[c, G]`` similarities.
-
-    Returns:
-        ``(tau [c], row_max [c])``: ``tau`` is ``-inf`` when there are too few blocks (every item counts);
-        ``row_max`` is NaN for rows containing NaN.
-    """
-    num_gallery = scores.shape[1]
-    width = max(1, min(_TOP_BLOCK, num_gallery // (4 * (k + 1))))
-    full = num_gallery // width
-    block_max = [scores.unfold(1, width, width).amax(dim=2)]  # [c, full]
-    if num_gallery % width:
-        block_max.append(scores[:, full * width :].amax(dim=1, keepdim=True))
-    block_max = torch.cat(block_max, dim=1)
-    row_max = block_max.amax(dim=1)
-    if block_max.shape[1] <= k:
-        return torch.full_like(row_max, float("-inf")), row_max
-    return torch.topk(block_max, k + 1, dim=1).values[:, -1], row_max
+def _num_bins(num_gallery: int) -> int:
+    """Bins per row: about one per four gallery items, between 16 and ``_MAX_BINS``."""
+    return max(16, min(_MAX_BINS, num_gallery // 4))
 
 
 def _sorted_positives(
     scores: torch.Tensor, pos_idx: torch.Tensor, counts: torch.Tensor
-) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Each row's correct items sorted by (score desc, index asc).
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Each row's correct items in ranking order, (score desc, index asc).
 
     Args:
         scores: ``[c, G]``; pos_idx: ``[c, P]`` ascending, padded; counts: ``[c]`` (see :class:`_PidGroups`).
 
     Returns:
-        ``(best_scores [c, P], best_index [c, P], valid [c, P], worst [c])``: padding last, as score
-        ``-inf`` and index ``_NO_INDEX`` (so that it precedes nothing); ``worst`` is the score of the last
-        correct item, ``+inf`` for rows without any.
+        ``(best_scores [c, P], best_cols [c, P], valid [c, P])``; padding last, with score ``-inf`` and
+        gallery index 0; ``P >= 1`` (one padding slot when no row has a correct item).
     """
+    if pos_idx.shape[1] == 0:
+        pos_idx = pos_idx.new_zeros((pos_idx.shape[0], 1))
     valid = torch.arange(pos_idx.shape[1], device=scores.device) < counts[:, None]
     pos_scores = scores.gather(1, pos_idx).masked_fill(~valid, float("-inf"))
     # padding sits after the real items, so the stable sort keeps it last even next to real -inf scores;
     # pos_idx is ascending, so equal scores stay in index order
     order = torch.sort(pos_scores, dim=1, descending=True, stable=True).indices
-    best_scores = pos_scores.gather(1, order)
-    best_index = pos_idx.gather(1, order).masked_fill_(~valid, _NO_INDEX)
-    if pos_idx.shape[1] == 0:
-        return best_scores, best_index, valid, torch.full(counts.shape, float("inf"), dtype=scores.dtype,
-                                                         device=scores.device)
-    worst = best_scores.gather(1, (counts - 1).clamp(min=0)[:, None]).squeeze(1)
-    return best_scores, best_index, valid, worst.masked_fill(counts == 0, float("inf"))
+    return pos_scores.gather(1, order), pos_idx.gather(1, order), valid
 
 
-def _bin_params(
-    low: torch.Tensor, high: torch.Tensor, bins: int
-) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Per-row ``scale`` and ``offset`` that stretch ``[low, high]`` over bins ``1 .. bins - 2``.
+def _bin_keys(block: torch.Tensor, bins: int, work: _Workspace, label: str) -> torch.Tensor:
+    """Bin of every score: ``trunc((row_max - score) * scale)`` with ``scale = (bins - 1) / (row_max - row_min)``.
+
+    Each step is one correctly rounded elementwise operation, so equal scores get equal bins and, within a
+    row, ``s_i > s_j`` implies ``bin_i <= bin_j``: all the ranking relies on. Rounding keeps the product
+    within ``[0, bins - 1]``. Rows with infinite scores (or a range that overflows) use the range of their
+    finite scores and a clamp: ``+inf`` lands in bin 0 and ``-inf`` in the last bin.
+
+    Args:
+        block: ``[n, G]`` contiguous floating similarities.
 
     Returns:
-        ``(scale [c], offset [c], binned [c] bool)``; rows whose range is not finite get ``binned`` False
-        and harmless parameters (their bins are meaningless).
+        ``[n, G]`` int64 bins, in a reused buffer.
     """
-    span = high - low
-    scale = torch.where(span > 0, (bins - 3) / span, torch.ones_like(span))
-    offset = 1.5 - low * scale
-    binned = torch.isfinite(scale) & (scale > 0) & torch.isfinite(offset)
-    scale = torch.where(binned, scale, torch.ones_like(scale))
-    return scale, torch.where(binned, offset, torch.zeros_like(offset)), binned
+    high, low = block.amax(dim=1), block.amin(dim=1)
+    if torch.isnan(high).any():
+        raise UserError(f"the similarities of {label} contain NaN; check the features or the similarity matrix")
+    bounded = bool(torch.isfinite(high - low).all())  # then every (high - s) * scale lies in [0, bins - 1]
+    if not bounded:  # use the range of the finite scores (0 if none) and clamp
+        finite = torch.isfinite(block)
+        high = torch.nan_to_num(block.masked_fill(~finite, float("-inf")).amax(dim=1), neginf=0.0)
+        low = torch.nan_to_num(block.masked_fill(~finite, float("inf")).amin(dim=1), posinf=0.0)
+    scale = (bins - 1) / (high - low)
+    scale = torch.where(torch.isfinite(scale) & (scale > 0), scale, torch.ones_like(scale))
+    spread = torch.sub(high[:, None], block, out=work.get("spread", block.shape, block.dtype)).mul_(scale[:, None])
+    if not bounded:
+        spread.clamp_(0, bins - 1)
+    return work.get("keys", block.shape, torch.int64).copy_(spread)  # truncation = floor here
 
 
-def _bin_of(
-    values: torch.Tensor,
-    scale: torch.Tensor,
-    offset: torch.Tensor,
-    bins: int,
-    out_float: Optional[torch.Tensor] = None,
-    out_int: Optional[torch.Tensor] = None,
-) -> torch.Tensor:
-    """Bin ``clamp(floor(value * scale + offset), 0, bins - 1)`` (int32) of each value; ``scale`` and
-    ``offset`` broadcast against ``values``.
+class _BlockScan(NamedTuple):
+    """What :func:`_scan_block` keeps of a block of ``n`` rows (``P`` correct-item slots per row)."""
 
-    Each step is one correctly rounded elementwise operation, so a value gets the same bin whichever
-    tensor it is computed in, and within a row ``s_i > s_j`` implies ``bin_i >= bin_j``: that monotony is
-    all the ranking relies on.
+    flat: torch.Tensor  # [N] row-major positions in the block of the gathered items
+    scores: torch.Tensor  # [N] their scores
+    is_top: torch.Tensor  # [N] bool: in a top bin
+    first: torch.Tensor  # [N] correct items of the row in lower-numbered bins than the item
+    span: torch.Tensor  # [N] correct items of the row in the item's bin (0: the bin is only a top bin)
+    before: torch.Tensor  # [n, P] items in lower-numbered bins than each sorted correct item
+
+
+def _scan_block(
+    block: torch.Tensor, best_cols: torch.Tensor, valid: torch.Tensor, k: int, bins: int, work: _Workspace, label: str
+) -> _BlockScan:
+    """Bin a block of rows, count the bins, and gather the items that need exact comparisons: those in
+    bins shared with a correct item and those in the top bins (which hold the ``k`` best items).
+
+    Args:
+        block: ``[n, G]`` contiguous similarities; best_cols, valid: ``[n, P]`` from :func:`_sorted_positives`.
+        k: top items wanted per row, ``1 <= k <= G``.
     """
-    local = torch.mul(values, scale, out=out_float)
-    local.add_(offset).clamp_(min=0, max=bins - 1)
-    return local.to(torch.int32) if out_int is None else out_int.copy_(local)  # truncation = floor here
+    num_rows, num_gallery = block.shape
+    keys = _bin_keys(block, bins, work, label)
+    hist = work.get("hist", (num_rows, bins), torch.int32).zero_()
+    hist.scatter_add_(1, keys, work.ones(block.shape))
+    upto = torch.cumsum(hist, dim=1, dtype=torch.int32, out=work.get("upto", (num_rows, bins), torch.int32))
+    top_bin = torch.searchsorted(upto, torch.full((num_rows, 1), k, dtype=torch.int32, device=block.device))
+    correct_keys = keys.gather(1, best_cols)  # [n, P], non-decreasing along a row (garbage in the padding)
+    before = (upto.gather(1, correct_keys) - hist.gather(1, correct_keys)).masked_fill_(~valid, 0)
+    correct_keys.masked_fill_(~valid, bins)  # padding: an extra column of the per-bin tables below
+    # the correct items sharing a bin are consecutive: the first of them, and how many
+    first_of = torch.searchsorted(correct_keys, correct_keys)
+    span_of = torch.searchsorted(correct_keys, correct_keys, right=True) - first_of
+    # per-bin tables over [n, bins + 1]: the bins to gather (top and shared), and one correct slot of each bin
+    wanted = torch.le(torch.arange(bins + 1, device=block.device), top_bin,
+                      out=work.get("wanted", (num_rows, bins + 1), torch.bool)).view(torch.uint8)
+    wanted.scatter_(1, correct_keys, 1)
+    slot_of = work.get("slot_of", (num_rows, bins + 1), torch.int64).fill_(-1)
+    slot_of.scatter_(1, correct_keys, torch.arange(correct_keys.shape[1], device=block.device).expand_as(correct_keys))
+    numel = num_rows * num_gallery
+    mask = work.get("mask", (numel + (-numel) % 8,), torch.uint8)
+    mask[numel:] = 0
+    torch.gather(wanted, 1, keys, out=mask[:numel].view(block.shape))
+    flat = _nonzero_sparse(mask)
+    rows = torch.div(flat, num_gallery, rounding_mode="floor")
+    item_keys = keys.view(-1).index_select(0, flat)
+    slot = slot_of.view(-1).index_select(0, rows * (bins + 1) + item_keys)  # -1 outside the shared bins
+    shared = slot >= 0
+    at = rows * correct_keys.shape[1] + slot.clamp(min=0)
+    first = first_of.view(-1).index_select(0, at).masked_fill_(~shared, 0)
+    span = span_of.view(-1).index_select(0, at).masked_fill_(~shared, 0)
+    return _BlockScan(flat, block.view(-1).index_select(0, flat), item_keys <= top_bin.view(-1).index_select(0, rows),
+                      first, span, before)
+
+
+def _top_k_of(rows: torch.Tensor, cols: torch.Tensor, values: torch.Tensor, num_rows: int, k: int) -> torch.Tensor:
+    """The first ``k`` items of every row by (score desc, index asc).
+
+    Args:
+        rows, cols, values: ``[N]`` items, row-major with ascending ``cols`` within a row; every row has >= k.
+
+    Returns:
+        ``[num_rows, k]`` int64 gallery indices.
+    """
+    per_row = torch.bincount(rows, minlength=num_rows)
+    width = int(per_row.max())
+    slot = torch.arange(rows.numel(), device=rows.device) - (per_row.cumsum(0) - per_row).index_select(0, rows)
+    # padding after each row's items: a stable sort keeps it behind real -inf scores
+    table = torch.full((num_rows, width), float("-inf"), dtype=values.dtype, device=values.device)
+    table.view(-1).index_copy_(0, rows * width + slot, values)
+    order = torch.sort(table, dim=1, descending=True, stable=True).indices[:, :k]
+    index = torch.zeros((num_rows, width), dtype=torch.int64, device=rows.device)
+    return index.view(-1).index_copy_(0, rows * width + slot, cols).view(num_rows, width).gather(1, order)
 
 
 def _place(
-    best_scores: torch.Tensor,
-    best_index: torch.Tensor,
-    rows: torch.Tensor,
-    cols: torch.Tensor,
-    cand_scores: torch.Tensor,
-    first: torch.Tensor,
-    span: torch.Tensor,
+    best_scores: torch.Tensor, best_cols: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor,
+    values: torch.Tensor, first: torch.Tensor, span: torch.Tensor,
 ) -> torch.Tensor:
-    """For each candidate gallery item, how many of its query's correct items precede it or are it.
+    """For each gathered item, how many of its row's correct items precede it or are it.
 
-    The answer is known to lie in ``[first, first + span]`` (the correct items sharing the candidate's
-    bin); a binary search over those ``span`` items settles it.
+    The answer lies in ``[first, first + span]``: the correct items ``first .. first + span - 1`` share the
+    item's bin, all before them precede it; a binary search over those ``span`` settles it.
 
     Args:
-        best_scores, best_index: ``[c, P]`` from :func:`_sorted_positives`.
-        rows, cols, cand_scores: ``[N]`` query row, gallery index and score of each candidate.
-        first, span: ``[N]`` int64: sorted correct items ``first .. first + span - 1`` of the row are the
-            ones to compare with; all before them precede the candidate.
+        best_scores, best_cols: ``[c, P]`` from :func:`_sorted_positives`.
+        rows, cols, values: ``[N]`` row, gallery index and score of each item; first, span: ``[N]`` int64.
 
     Returns:
         ``[N]`` int64.
     """
     width = best_scores.shape[1]
-    flat_scores, flat_index = best_scores.reshape(-1), best_index.reshape(-1)
+    flat_scores, flat_cols = best_scores.reshape(-1), best_cols.reshape(-1)
     base = rows * width + first - 1
     ahead = torch.zeros_like(rows)
-    steps = int(span.max()).bit_length() if span.numel() else 0
-    for step in (1 << s for s in reversed(range(steps))):
-        # "correct item m precedes-or-is the candidate" holds for a prefix of the sorted items
+    for step in (1 << s for s in reversed(range(int(span.max()).bit_length() if span.numel() else 0))):
+        # "correct item m precedes the item or is it" holds for a prefix of the sorted correct items
         probe = ahead + step
-        at = (base + probe).clamp_(max=flat_scores.numel() - 1)
-        probe_scores, probe_index = _select(at, flat_scores, flat_index)
-        precedes = (probe_scores > cand_scores) | ((probe_scores == cand_scores) & (probe_index <= cols))
+        at = (base + probe).clamp_(min=0, max=flat_scores.numel() - 1)
+        probe_scores, probe_cols = flat_scores.index_select(0, at), flat_cols.index_select(0, at)
+        precedes = (probe_scores > values) | ((probe_scores == values) & (probe_cols <= cols))
         ahead = torch.where(precedes & (probe <= span), probe, ahead)
     return first + ahead
 
 
-def _top_k_of(rows: torch.Tensor, cols: torch.Tensor, values: torch.Tensor, num_rows: int, k: int) -> torch.Tensor:
-    """The first ``k`` candidates of every row by (score desc, index asc).
+def _ranks_of_correct(
+    scans: List[_BlockScan], row_starts: List[int], best_scores: torch.Tensor, best_cols: torch.Tensor,
+    valid: torch.Tensor, num_gallery: int, k: int,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Top-k and ranks of the correct items of consecutive scanned blocks (``c`` rows in all).
+
+    A correct item's rank is 1 + the items in lower-numbered bins (``before``) + the items of its own bin
+    that precede it. All items of its bin were gathered; for each gathered item ``x`` in a shared bin,
+    ``ahead(x)`` correct items precede it or are it, and ``end(x)`` is how many correct items lie in its bin
+    or lower-numbered ones. Then ``x`` precedes the ``m``-th correct item (0-based) of its own bin iff
+    ``ahead(x) <= m < end(x)``; items of other bins satisfy both bounds or neither, so counting
+    ``#{ahead <= m} - #{end <= m}`` per row counts exactly the own-bin predecessors.
 
     Args:
-        rows, cols, values: ``[N]`` candidates; every row has at least ``k``, and each row's candidates
-            appear with ascending ``cols``.
+        scans: block results; row_starts: first row of each block (within these ``c`` rows).
+        best_scores, best_cols, valid: ``[c, P]`` for these rows; num_gallery: ``G``.
 
     Returns:
-        ``[num_rows, k]`` int64 gallery indices.
+        ``(top [c, k] int64, ranks [c, P] int64)``: ranks increase along a row; padding is ``G + 1``.
     """
-    order = torch.sort(values, descending=True, stable=True).indices  # ties keep ascending cols
-    order = order.index_select(0, torch.sort(rows.index_select(0, order), stable=True).indices)
-    rows, cols = rows.index_select(0, order), cols.index_select(0, order)
-    per_row = torch.bincount(rows, minlength=num_rows)
-    place = torch.arange(rows.numel(), device=rows.device) - (per_row.cumsum(0) - per_row).index_select(0, rows)
-    rows, cols, place = _select((place < k).nonzero().squeeze(1), rows, cols, place)
-    indices = torch.empty(num_rows * k, dtype=torch.int64, device=rows.device)
-    return indices.index_copy_(0, rows * k + place, cols).view(num_rows, k)
+    num_rows, width = best_scores.shape
+    flat = torch.cat([scan.flat + start * num_gallery for scan, start in zip(scans, row_starts)])
+    values = torch.cat([scan.scores for scan in scans])
+    rows = torch.div(flat, num_gallery, rounding_mode="floor")
+    cols = flat - rows * num_gallery
+    is_top = torch.cat([scan.is_top for scan in scans]).nonzero().squeeze(1)
+    top = _top_k_of(*(t.index_select(0, is_top) for t in (rows, cols, values)), num_rows, k)
+    first, span = (torch.cat(parts) for parts in zip(*((scan.first, scan.span) for scan in scans)))
+    shared = (span > 0).nonzero().squeeze(1)
+    rows, cols, values, first, span = (t.index_select(0, shared) for t in (rows, cols, values, first, span))
+    ahead = _place(best_scores, best_cols, rows, cols, values, first, span)
+    slots = width + 1
+    counts = torch.bincount(rows * slots + ahead, minlength=num_rows * slots)
+    counts -= torch.bincount(rows * slots + first + span, minlength=num_rows * slots)
+    preceding_in_bin = counts.view(num_rows, slots)[:, :width].cumsum(dim=1)
+    before = torch.cat([scan.before for scan in scans]).to(torch.int64)
+    ranks = 1 + before + preceding_in_bin
+    return top, ranks.masked_fill_(~valid, num_gallery + 1)
 
 
-def _select(index: torch.Tensor, *tensors: torch.Tensor) -> Tuple[torch.Tensor, ...]:
-    """``tensor[index]`` for each 1-D tensor (``index_select`` is much faster than ``[]`` on CPU)."""
-    return tuple(tensor.index_select(0, index) for tensor in tensors)
-
-
-def _rank_chunk(
-    scores: torch.Tensor,
-    k: int,
-    pos_idx: torch.Tensor,
-    counts: torch.Tensor,
-    work: _Workspace,
-    max_candidates: int,
-    label: str,
-) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
-    """Top-k gallery indices and ranks of the correct items for one chunk of queries (see the module
-    docstring for the method).
+def _rank_chunk_fast(
+    scores: torch.Tensor, pids: torch.Tensor, groups: _PidGroups, k: int, work: _Workspace, label: str
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Top-k and ranks of the correct items of a chunk of queries, block by block (see the module docstring).
 
     Args:
-        scores: ``[c, G]`` similarities.
-        k: top items to return, ``1 <= k <= G``.
-        pos_idx, counts: as from :meth:`_PidGroups.positives` (``P`` may be 0 when ranks are not wanted).
-        work: reused buffers.
-        max_candidates: items to compare exactly above which the chunk is halved (memory bound).
+        scores: ``[c, G]`` similarities; pids: ``[c]`` query ids; k: top items to return, ``1 <= k <= G``.
         label: names the rows in errors.
 
     Returns:
-        ``(top [c, k] int64, ranks [c, P] int64 or None)``: ``ranks[r, m]`` for ``m < counts[r]`` is the
-        1-based rank of row ``r``'s ``(m+1)``-th best correct item (increasing along the row).
+        ``(top [c, k], ranks [c, P], counts [c])``: ``ranks[r, :counts[r]]`` are the increasing 1-based ranks
+        of row ``r``'s correct items, the rest ``G + 1``.
     """
     num_rows, num_gallery = scores.shape
-    width = pos_idx.shape[1]
-    device = scores.device
-    tau, row_max = _top_threshold(scores, k)
-    if torch.isnan(row_max).any():
-        raise UserError(f"the similarities of {label} contain NaN; check the features or the similarity matrix")
-    best_scores, best_index, valid, worst = _sorted_positives(scores, pos_idx, counts)
-    bins = _num_bins(num_rows, num_gallery)
-    low = torch.minimum(worst, tau)  # nothing below can precede a correct item or be in the top k
-    scale, offset, binned = _bin_params(low, row_max, bins)
-    row_base = torch.arange(num_rows, device=device) * bins
+    dtype = torch.promote_types(scores.dtype, torch.float32)  # float16/bfloat16 widened, exactly
+    best_scores, best_cols, valid = _sorted_positives(scores.to(dtype), *groups.positives(pids))
+    counts = valid.sum(dim=1)
+    bins = _num_bins(num_gallery)
+    rows_per_block = max(1, _BLOCK_ELEMENTS // num_gallery)
+    tops, ranks, scans, starts, gathered, done = [], [], [], [], 0, 0
+    for start in range(0, num_rows, rows_per_block):
+        end = min(start + rows_per_block, num_rows)
+        block = scores[start:end]
+        if block.dtype != dtype or not block.is_contiguous():
+            block = work.get("block", block.shape, dtype).copy_(block)
+        scans.append(_scan_block(block, best_cols[start:end], valid[start:end], k, bins, work, label))
+        starts.append(start - done)
+        gathered += scans[-1].flat.numel()
+        if gathered > _MAX_CANDIDATES or end == num_rows:  # resolve the rows scanned so far
+            rows = slice(done, end)
+            top, rank_ = _ranks_of_correct(scans, starts, best_scores[rows], best_cols[rows], valid[rows],
+                                           num_gallery, k)
+            tops.append(top)
+            ranks.append(rank_)
+            scans, starts, gathered, done = [], [], 0, end
+    return torch.cat(tops), torch.cat(ranks), counts
 
-    # bins to compare exactly: those holding a correct item (of binned rows) and those at or above tau's.
-    # Along a row the sorted correct items have non-increasing bins, so those of one bin are consecutive:
-    # ``first_in_bin`` is the slot of the first of them (= how many correct items sit in higher bins).
-    pos_keys = _bin_of(best_scores, scale[:, None], offset[:, None], bins).long() + row_base[:, None]  # [c, P]
-    counted = valid & binned[:, None]
-    dump = num_rows * bins  # an extra bin for the items not counted, dropped afterwards
-    in_bin = torch.bincount(torch.where(counted, pos_keys, dump).view(-1), minlength=dump + 1)[:-1]
-    run_start = counted & torch.cat([counted[:, :1], pos_keys[:, 1:] != pos_keys[:, :-1]], dim=1)
-    first_in_bin = torch.zeros(dump, dtype=torch.int64, device=device)
-    first_in_bin[pos_keys[run_start]] = torch.arange(width, device=device).expand_as(pos_keys)[run_start]
-    shared = in_bin > 0
-    top_key = torch.where(binned, _bin_of(tau, scale, offset, bins).long(), bins)  # [c], per-row bin
-    wanted = (shared.view(num_rows, bins) | (torch.arange(bins, device=device) >= top_key[:, None])).view(-1)
-    top_key += row_base
 
-    # the passes over every score, in blocks of rows small enough to stay in cache: bin numbers, their
-    # histogram, and the mask of items in wanted bins
-    hist = []  # per block: [n * bins] item counts
-    selected = work.get_mask("selected", num_rows * num_gallery)
-    block = max(1, _BLOCK_ELEMENTS // num_gallery)
-    local = work.get("local", (min(block, num_rows), num_gallery), scores.dtype)
-    keys = work.get("keys", (min(block, num_rows), num_gallery), torch.int32)
-    block_base = torch.arange(0, min(block, num_rows) * bins, bins, device=device, dtype=torch.int32)[:, None]
-    for r0 in range(0, num_rows, block):
-        r1 = min(r0 + block, num_rows)
-        n = r1 - r0
-        block_keys = _bin_of(scores[r0:r1], scale[r0:r1, None], offset[r0:r1, None], bins, local[:n], keys[:n])
-        flat_keys = block_keys.add_(block_base[:n]).view(-1)
-        hist.append(torch.bincount(flat_keys, minlength=n * bins))
-        block_selected = selected[r0 * num_gallery : r1 * num_gallery]
-        torch.index_select(wanted[r0 * bins : r1 * bins], 0, flat_keys, out=block_selected)
-    hist = torch.cat(hist)  # [c * bins]
-    exact = (~binned).nonzero().squeeze(1)  # rows compared exactly above ``low``
-    if num_rows > 1 and int((hist * wanted).sum()) + exact.numel() * num_gallery > max_candidates:
-        half = num_rows // 2
-        parts = [
-            _rank_chunk(scores[rows], k, pos_idx[rows], counts[rows], work, max_candidates, label)
-            for rows in (slice(0, half), slice(half, num_rows))
-        ]
-        ranks = None if parts[0][1] is None else torch.cat([parts[0][1], parts[1][1]])
-        return torch.cat([parts[0][0], parts[1][0]]), ranks
+# ----------------------------------------------------------------------------------------------------
+# Re-ranking and metrics from ranks (fast path)
+# ----------------------------------------------------------------------------------------------------
+def _apply_rerank(top: torch.Tensor, ranks: torch.Tensor, new_scores: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Final ranking after re-scoring each row's first ``K`` items.
 
-    flat = _nonzero_sparse(selected)
-    rows = torch.div(flat, num_gallery, rounding_mode="floor")
-    cols = flat - rows * num_gallery
-    values = scores.view(-1).index_select(0, flat)
-    cand_keys = _bin_of(values, *_select(rows, scale, offset), bins).long() + rows * bins
-    is_top = cand_keys >= top_key.index_select(0, rows)
-    is_shared = shared.index_select(0, cand_keys)
-    # each candidate is compared with the correct items of its own bin only (all of them, for exact rows)
-    first, span = first_in_bin.index_select(0, cand_keys), in_bin.index_select(0, cand_keys)
-    if exact.numel():
-        sub_rows, sub_cols = torch.nonzero(scores[exact] >= low[exact, None], as_tuple=True)
-        sub_rows = exact[sub_rows]
-        sub_values = scores[sub_rows, sub_cols]
-        rows, cols, values = torch.cat([rows, sub_rows]), torch.cat([cols, sub_cols]), torch.cat([values, sub_values])
-        is_top = torch.cat([is_top, sub_values >= tau[sub_rows]])
-        is_shared = torch.cat([is_shared, counts[sub_rows] > 0])
-        first, span = torch.cat([first, torch.zeros_like(sub_rows)]), torch.cat([span, counts[sub_rows]])
-    top = _top_k_of(*_select(is_top.nonzero().squeeze(1), rows, cols, values), num_rows, k)
+    Args:
+        top: ``[c, W]`` first-stage best gallery indices, ``W >= K``; ranks: ``[c, P]`` first-stage ranks of
+            the correct items (increasing, padding larger than any rank); new_scores: ``[c, K]`` for ``top[:, :K]``.
 
-    if width == 0:
-        return top, None
-    rows, cols, values, first, span = _select(is_shared.nonzero().squeeze(1), rows, cols, values, first, span)
-    ahead = _place(best_scores, best_index, rows, cols, values, first, span)
-    # an exactly compared item precedes the (m+1)-th correct item iff ahead <= m
-    inside = torch.bincount(rows * (width + 1) + ahead, minlength=num_rows * (width + 1))
-    inside = inside.view(num_rows, width + 1)[:, :width].cumsum(dim=1)
-    # the other items precede a correct item iff they sit in a higher bin
-    up_to = hist.masked_fill_(shared, 0).view(num_rows, bins).cumsum(dim=1)  # [c, bins] items in bins <= b
-    above = up_to[:, -1:] - up_to.view(-1).index_select(0, pos_keys.view(-1)).view_as(pos_keys)  # [c, P]
-    return top, inside + torch.where(counted, above, 0) + 1
+    Returns:
+        ``(top [c, W], ranks [c, P])`` of the final ranking: the ``K`` items reordered by new score (ties: first-stage
+        order), the rest unchanged.
+    """
+    head = new_scores.shape[1]
+    order = torch.sort(new_scores, dim=1, descending=True, stable=True).indices  # [c, K] old slot at each new slot
+    top = torch.cat([top[:, :head].gather(1, order), top[:, head:]], dim=1)
+    new_slot = torch.empty_like(order).scatter_(1, order, torch.arange(head, device=order.device).expand_as(order))
+    moved = new_slot.gather(1, (ranks - 1).clamp(max=head - 1)) + 1
+    return top, torch.sort(torch.where(ranks <= head, moved, ranks), dim=1).values
 
 
 def _ap_inp(ranks: torch.Tensor, counts: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -506,9 +561,30 @@ def _ap_inp(ranks: torch.Tensor, counts: torch.Tensor) -> Tuple[torch.Tensor, to
     slots = torch.arange(ranks.shape[1], device=ranks.device)
     n = counts.clamp(min=1).to(torch.float64)
     ap = ((slots + 1) / ranks * (slots < counts[:, None])).sum(dim=1) / n  # mean of m / r_m
-    inp = n / ranks.gather(1, (counts - 1).clamp(min=0)[:, None]).squeeze(1)  # n / r_n
+    last = ranks.gather(1, (counts - 1).clamp(min=0)[:, None]).squeeze(1)
     has_any = counts > 0
-    return ap * has_any, inp * has_any
+    return ap * has_any, n / last * has_any  # INP = n / r_n
+
+
+# ----------------------------------------------------------------------------------------------------
+# Engine shared by rank() and rank_features()
+# ----------------------------------------------------------------------------------------------------
+def _rescorer(rerank: Reranker, start: int, end: int, device: torch.device) -> Callable[[torch.Tensor], torch.Tensor]:
+    """``rescore(gallery_indices [c, K]) -> [c, K]``: ``rerank`` for queries ``start .. end - 1``, checked."""
+    queries = torch.arange(start, end, device=device)
+
+    def rescore(gallery_indices: torch.Tensor) -> torch.Tensor:
+        new_scores = rerank(queries, gallery_indices)
+        if not isinstance(new_scores, torch.Tensor) or new_scores.shape != gallery_indices.shape:
+            got = tuple(new_scores.shape) if isinstance(new_scores, torch.Tensor) else type(new_scores).__name__
+            raise UserError(f"rerank must return a tensor of shape {tuple(gallery_indices.shape)} (one score per "
+                            f"query and gallery item it was given); got {got}")
+        if not new_scores.is_floating_point() or torch.isnan(new_scores).any():
+            raise UserError(f"rerank must return real scores without NaN (queries {start}..{end - 1}); "
+                            f"got dtype {new_scores.dtype}")
+        return new_scores.to(device)
+
+    return rescore
 
 
 def _rank_rows(
@@ -518,17 +594,18 @@ def _rank_rows(
     q_pids: torch.Tensor,
     g_pids: torch.Tensor,
     max_rank: int,
-    get_mAP: bool,
     chunk_size: Optional[int],
-    bytes_per_element: int,
-) -> Tuple[torch.Tensor, ...]:
-    """Shared engine of :func:`rank` and :func:`rank_features`.
+    method: str,
+    rerank: Optional[Reranker],
+    rerank_topk: int,
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Rank all queries, chunk by chunk: ``(cmc, mAP, mINP, indices)`` as :func:`rank` returns them.
 
     Args:
         score_rows: ``score_rows(start, end, work) -> [end - start, G]`` similarities of those queries
             (``work`` offers reusable buffers).
         q_pids, g_pids: ``[Q]`` and ``[G]`` int64 ids on the device of the scores.
-        bytes_per_element: work bytes per (query, gallery) element, for the automatic chunk size.
+        rerank, rerank_topk: the checked re-ranking arguments (``rerank_topk`` 0: none).
     """
     groups = _PidGroups(g_pids)
     num_correct = groups.count(q_pids)  # [Q]
@@ -543,50 +620,43 @@ def _rank_rows(
             "%d of %d queries have no correct gallery item: they count as misses in CMC and are left out of mAP/mINP",
             num_without, num_queries,
         )
-    max_correct = int(num_correct.max()) if get_mAP else 0
-    rows_per_chunk = chunk_size or auto_chunk_size(num_gallery, max_correct, bytes_per_element)
-    max_candidates = DEFAULT_MEMORY_BUDGET_BYTES // _BYTES_PER_CANDIDATE
-    k = min(max_rank, num_gallery)
+    head = min(rerank_topk, num_gallery)  # items re-scored per query
+    width = min(max(max_rank, head), num_gallery)  # first-stage items needed per query
+    rows_per_chunk = chunk_size or auto_chunk_size(num_gallery, int(num_correct.max()), _BYTES_PER_SCORE[method])
     device = q_pids.device
-    hits_at = torch.zeros(k + 1, dtype=torch.int64, device=device)  # queries whose first hit is at rank j+1
+    first_hits, top_indices = [], []
     ap_sum = torch.zeros((), dtype=torch.float64, device=device)
     inp_sum = torch.zeros((), dtype=torch.float64, device=device)
-    top_indices = []
     work = _Workspace(device)
     for start in range(0, num_queries, rows_per_chunk):
         end = min(start + rows_per_chunk, num_queries)
-        scores = score_rows(start, end, work)
-        if scores.dtype in (torch.float16, torch.bfloat16) or not scores.is_contiguous():
-            wide = torch.promote_types(scores.dtype, torch.float32)
-            scores = work.get("contiguous", scores.shape, wide).copy_(scores)
-        pids = q_pids[start:end]
-        if get_mAP:
-            pos_idx, counts = groups.positives(pids)
+        scores, pids = score_rows(start, end, work), q_pids[start:end]
+        rescore = _rescorer(rerank, start, end, device) if head else None
+        if method == "reference":
+            top, first, ap, inp = _rank_chunk_by_sorting(scores.to(torch.promote_types(scores.dtype, torch.float32)),
+                                                         pids, g_pids, width, rescore, head)
         else:
-            pos_idx = torch.zeros((end - start, 0), dtype=torch.int64, device=device)
-            counts = torch.zeros(end - start, dtype=torch.int64, device=device)
-        top, ranks = _rank_chunk(scores, k, pos_idx, counts, work, max_candidates, f"queries {start}..{end - 1}")
-        top_indices.append(top.cpu())
-        hit = g_pids[top] == pids[:, None]  # [c, k]
-        first = torch.where(hit.any(dim=1), hit.to(torch.int8).argmax(dim=1), k)
-        hits_at += torch.bincount(first, minlength=k + 1)
-        if ranks is not None:
+            top, ranks, counts = _rank_chunk_fast(scores, pids, groups, width, work, f"queries {start}..{end - 1}")
+            if rescore is not None:
+                top, ranks = _apply_rerank(top, ranks, rescore(top[:, :head]))
+            first = ranks[:, 0]  # the padding rank G + 1 for rows without a correct item
             ap, inp = _ap_inp(ranks, counts)
-            ap_sum += ap.sum()
-            inp_sum += inp.sum()
-    cmc = hits_at[:k].cumsum(0).to(torch.float64) / num_queries * 100.0
-    if max_rank > k:  # the whole gallery is ranked by k = G; the curve stays flat beyond
-        cmc = torch.cat([cmc, cmc[-1:].expand(max_rank - k)])
-    cmc = cmc.float().cpu()
-    indices = torch.cat(top_indices)
-    if not get_mAP:
-        return cmc, indices
+        first_hits.append(first)
+        top_indices.append(top[:, :max_rank].cpu())
+        ap_sum += ap.sum()
+        inp_sum += inp.sum()
+    first = torch.cat(first_hits).clamp(max=max_rank + 1)
+    cmc = torch.bincount(first - 1, minlength=max_rank + 1)[:max_rank].cumsum(0).to(torch.float64)
+    cmc = (cmc / num_queries * 100.0).float().cpu()
     num_valid = num_queries - num_without
     mAP = (ap_sum / num_valid * 100.0).float().cpu()
     mINP = (inp_sum / num_valid * 100.0).float().cpu()
-    return cmc, mAP, mINP, indices
+    return cmc, mAP, mINP, torch.cat(top_indices)
 
 
+# ----------------------------------------------------------------------------------------------------
+# Public ranking functions
+# ----------------------------------------------------------------------------------------------------
 def rank(
     similarity: torch.Tensor,
     q_pids: PidsLike,
@@ -595,17 +665,25 @@ def rank(
     get_mAP: bool = True,
     *,
     chunk_size: Optional[int] = None,
+    method: str = "fast",
+    rerank: Optional[Reranker] = None,
+    rerank_topk: int = 0,
 ):
     """CMC, mAP, mINP and top-k indices from a precomputed similarity matrix (see the module docstring for
-    the tie rule and the treatment of queries without a correct item).
+    the tie rule, the treatment of queries without a correct item and the re-ranking step).
 
     Args:
         similarity: ``[Q, G]`` floating similarities, queries x gallery, on any device; higher is better.
         q_pids: ``[Q]`` integer person id of each query.
         g_pids: ``[G]`` integer person id of each gallery item.
         max_rank: length of the CMC curve, >= 1. May exceed ``G`` (the curve is flat beyond ``G``).
-        get_mAP: compute mAP and mINP too.
+        get_mAP: return mAP and mINP too.
         chunk_size: queries per chunk; None picks it from :data:`DEFAULT_MEMORY_BUDGET_BYTES`.
+        method: ``"fast"``, or ``"reference"`` for the sort-based twin (same results, much slower).
+        rerank: ``rerank(query_indices [q] int64, gallery_indices [q, K] int64) -> [q, K]`` new scores (higher
+            is better) of each query's first ``K`` gallery items; called chunk by chunk. Indices are rows and
+            columns of ``similarity``.
+        rerank_topk: ``K``; 0 (or no ``rerank``) ranks by ``similarity`` alone. May exceed ``G``.
 
     Returns:
         With ``get_mAP``: ``(cmc, mAP, mINP, indices)``, else ``(cmc, indices)``; all on the CPU.
@@ -613,8 +691,10 @@ def rank(
         ``mAP``, ``mINP``: 0-d float32 tensors, percent.
         ``indices``: ``[Q, min(max_rank, G)]`` int64 gallery indices of each query's best items, best first.
     """
-    max_rank = _check_max_rank(max_rank)
+    max_rank = _nonnegative_int(max_rank, "max_rank")
     chunk_size = _check_chunk_size(chunk_size)
+    method = _check_method(method)
+    rerank_topk = _check_rerank(rerank, rerank_topk)
     if not isinstance(similarity, torch.Tensor) or similarity.dim() != 2:
         got = tuple(similarity.shape) if isinstance(similarity, torch.Tensor) else type(similarity).__name__
         raise UserError(f"similarity must be a 2-D tensor [num_queries, num_gallery]; got {got}")
@@ -625,10 +705,11 @@ def rank(
         raise UserError(f"similarity is empty ({num_queries} queries x {num_gallery} gallery items); nothing to rank")
     q = _as_pids(q_pids, "q_pids", num_queries, "similarity row (query)", similarity.device)
     g = _as_pids(g_pids, "g_pids", num_gallery, "similarity column (gallery item)", similarity.device)
-    return _rank_rows(
-        lambda start, end, work: similarity[start:end],
-        num_queries, num_gallery, q, g, max_rank, get_mAP, chunk_size, _BYTES_PER_ELEMENT,
-    )
+    if method == "reference" and torch.isnan(similarity).any():
+        raise UserError("the similarities contain NaN; check the features or the similarity matrix")
+    result = _rank_rows(lambda start, end, work: similarity[start:end], num_queries, num_gallery, q, g,
+                        max_rank, chunk_size, method, rerank, rerank_topk)
+    return result if get_mAP else (result[0], result[3])
 
 
 def rank_features(
@@ -641,6 +722,9 @@ def rank_features(
     *,
     chunk_size: Optional[int] = None,
     normalize: bool = False,
+    method: str = "fast",
+    rerank: Optional[Reranker] = None,
+    rerank_topk: int = 0,
 ):
     """Same as :func:`rank` on ``query_feats @ gallery_feats.T``, without ever building that ``[Q, G]``
     matrix: similarities are computed one chunk of queries at a time.
@@ -648,15 +732,18 @@ def rank_features(
     Args:
         query_feats: ``[Q, D]`` query features; float16/bfloat16 are widened to float32.
         gallery_feats: ``[G, D]`` gallery features, on the same device.
-        q_pids, g_pids, max_rank, get_mAP, chunk_size: as in :func:`rank`.
+        q_pids, g_pids, max_rank, get_mAP, chunk_size, method, rerank, rerank_topk: as in :func:`rank`
+            (re-ranking indices are rows of ``query_feats`` and ``gallery_feats``).
         normalize: L2-normalise both feature sets first (cosine similarity). Leave False for features that
             are already normalised, such as those of :meth:`Evaluator.compute_embeddings`.
 
     Returns:
         As :func:`rank`.
     """
-    max_rank = _check_max_rank(max_rank)
+    max_rank = _nonnegative_int(max_rank, "max_rank")
     chunk_size = _check_chunk_size(chunk_size)
+    method = _check_method(method)
+    rerank_topk = _check_rerank(rerank, rerank_topk)
     for name, feats in (("query_feats", query_feats), ("gallery_feats", gallery_feats)):
         if not isinstance(feats, torch.Tensor) or feats.dim() != 2 or not feats.is_floating_point():
             got = f"{tuple(feats.shape)} {feats.dtype}" if isinstance(feats, torch.Tensor) else type(feats).__name__
@@ -678,13 +765,13 @@ def rank_features(
     q = _as_pids(q_pids, "q_pids", num_queries, "query feature row", query_feats.device)
     g = _as_pids(g_pids, "g_pids", num_gallery, "gallery feature row", query_feats.device)
     gallery_t = gallery_feats.t()
-    return _rank_rows(
-        lambda start, end, work: torch.matmul(
-            query_feats[start:end], gallery_t, out=work.get("scores", (end - start, num_gallery), dtype)
-        ),
-        num_queries, num_gallery, q, g, max_rank, get_mAP, chunk_size,
-        _BYTES_PER_ELEMENT + dtype.itemsize,  # plus the chunk's similarity block itself
-    )
+
+    def score_rows(start: int, end: int, work: _Workspace) -> torch.Tensor:
+        scores = work.get("scores", (end - start, num_gallery), dtype)
+        return torch.matmul(query_feats[start:end], gallery_t, out=scores)
+
+    result = _rank_rows(score_rows, num_queries, num_gallery, q, g, max_rank, chunk_size, method, rerank, rerank_topk)
+    return result if get_mAP else (result[0], result[3])
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -699,6 +786,10 @@ def evaluate(
     *,
     chunk_size: Optional[int] = None,
     normalize: bool = True,
+    method: str = "fast",
+    rerank: Optional[Reranker] = None,
+    rerank_topk: int = 0,
+    name: str = "",
 ) -> Dict[str, Dict[str, float]]:
     """Text-to-image (and optionally image-to-text) retrieval metrics from features.
 
@@ -710,20 +801,26 @@ def evaluate(
         i2t: also evaluate images as queries against captions as gallery.
         chunk_size: queries per chunk (None: automatic).
         normalize: L2-normalise the features (cosine similarity); idempotent for normalised features.
+        method: ranking implementation (see :func:`rank`).
+        rerank, rerank_topk: re-ranking of the t2i direction (see :func:`rank`; query indices are caption
+            rows, gallery indices image rows). The i2t direction is ranked by similarity alone.
+        name: the query set's name (e.g. a language); the tasks become ``t2i-<name>`` and ``i2t-<name>``.
 
     Returns:
         ``{'t2i': {'R1', 'R5', 'R10', 'mAP', 'mINP'}}`` (plus ``'i2t'`` when asked), Python floats in percent.
     """
-    directions = [("t2i", text_feats, image_feats, q_pids, g_pids)]
+    suffix = f"-{name}" if name else ""
+    directions = [("t2i", text_feats, image_feats, q_pids, g_pids, rerank)]
     if i2t:
-        directions.append(("i2t", image_feats, text_feats, g_pids, q_pids))
+        directions.append(("i2t", image_feats, text_feats, g_pids, q_pids, None))
     results = {}
-    for task, queries, gallery, query_ids, gallery_ids in directions:
+    for task, queries, gallery, query_ids, gallery_ids, reranker in directions:
         cmc, mAP, mINP, _ = rank_features(
-            queries, gallery, query_ids, gallery_ids, max_rank=10, chunk_size=chunk_size, normalize=normalize
+            queries, gallery, query_ids, gallery_ids, max_rank=10, chunk_size=chunk_size, normalize=normalize,
+            method=method, rerank=reranker, rerank_topk=rerank_topk if reranker is not None else 0,
         )
         values = (cmc[0], cmc[4], cmc[9], mAP, mINP)
-        results[task] = {key: float(value) for key, value in zip(RESULT_KEYS, values)}
+        results[task + suffix] = {key: float(value) for key, value in zip(RESULT_KEYS, values)}
     return results
 
 
@@ -738,15 +835,55 @@ def format_results(results: Dict[str, Dict[str, float]]) -> str:
 # ----------------------------------------------------------------------------------------------------
 # Evaluator
 # ----------------------------------------------------------------------------------------------------
+class _Encoders(NamedTuple):
+    """What the Evaluator calls on a model."""
+
+    images: Callable[[torch.Tensor], torch.Tensor]  # [B, 3, H, W] -> [B, D]
+    texts: Callable[[torch.Tensor], torch.Tensor]  # [B, L] -> [B, D]
+    rerank: Optional[Reranker]
+
+
+def _encoders_of(model) -> _Encoders:
+    """The encode functions (and re-ranker, if any) of a model or retrieval object."""
+    rerank = getattr(model, "rerank", None)
+    rerank = rerank if callable(rerank) else None
+    for images, texts in (("encode_images", "encode_texts"), ("encode_image", "encode_text")):
+        if callable(getattr(model, images, None)) and callable(getattr(model, texts, None)):
+            return _Encoders(getattr(model, images), getattr(model, texts), rerank)
+    raise UserError(f"cannot evaluate a {type(model).__name__}: it needs encode_image and encode_text methods "
+                    "(or encode_images and encode_texts)")
+
+
+def _device_of(model) -> torch.device:
+    """The device of a module's first parameter or buffer, else the object's ``device`` attribute, else CPU."""
+    if isinstance(model, torch.nn.Module):
+        tensor = next(model.parameters(), None)
+        tensor = tensor if tensor is not None else next(model.buffers(), None)
+        if tensor is not None:
+            return tensor.device
+    return torch.device(getattr(model, "device", None) or "cpu")
+
+
 class Evaluator:
     """Encodes a test split with a model and reports retrieval metrics (IRRA's ``Evaluator``).
 
+    The model is either a module with IRRA's ``encode_image(images [B, 3, H, W]) -> [B, D]`` and
+    ``encode_text(caption_ids [B, L]) -> [B, D]``, or any object with ``encode_images`` and ``encode_texts``
+    of the same shapes; either may also have ``rerank(query_indices [q], gallery_indices [q, K]) -> [q, K]``
+    (new scores, higher is better) that re-scores each caption's first ``K = rerank_topk`` images. Query and
+    gallery indices count captions and images in loader order. The calls come in this order: ``encode_images``
+    over the whole gallery, then per query set ``encode_texts`` over all its captions followed by its ``rerank``
+    calls, so a re-ranker may keep what its encoders computed (e.g. image tokens).
+
     Args:
         img_loader: yields ``(pids [B], images [B, 3, H, W])`` — the gallery.
-        txt_loader: yields ``(pids [B], caption_ids [B, L])`` — the queries.
+        txt_loader: yields ``(pids [B], caption_ids [B, L])`` — the queries; or a mapping of query set names
+            (e.g. languages) to such loaders, each evaluated against the same gallery (tasks ``t2i-<name>``).
         autocast: callable returning a context manager to run the encoders in (e.g. the precision helper's
             autocast factory); None runs them as they are.
         chunk_size: queries per ranking chunk (None: automatic).
+        rerank_topk: images re-scored per caption by the model's ``rerank``; 0 ranks by similarity alone.
+        method: ranking implementation (see :func:`rank`).
 
     After :meth:`eval`, ``last_results`` holds the full metrics dictionary of :func:`evaluate`.
     """
@@ -754,21 +891,36 @@ class Evaluator:
     def __init__(
         self,
         img_loader: Iterable,
-        txt_loader: Iterable,
+        txt_loader: Union[Iterable, Mapping[str, Iterable]],
         *,
         autocast: Optional[Callable[[], ContextManager]] = None,
         chunk_size: Optional[int] = None,
+        rerank_topk: int = 0,
+        method: str = "fast",
     ):
         self.img_loader = img_loader
-        self.txt_loader = txt_loader
+        self.query_sets = dict(txt_loader) if isinstance(txt_loader, Mapping) else {"": txt_loader}
+        if not self.query_sets:
+            raise UserError("txt_loader is an empty mapping; give at least one query set")
         self.autocast = autocast
         self.chunk_size = _check_chunk_size(chunk_size)
+        self.rerank_topk = _nonnegative_int(rerank_topk, "rerank_topk", minimum=0, hint=" (0 turns re-ranking off)")
+        self.method = _check_method(method)
         self.last_results: Dict[str, Dict[str, float]] = {}
+
+    @property
+    def txt_loader(self) -> Iterable:
+        """The query loader (the first one when there are several query sets)."""
+        return next(iter(self.query_sets.values()))
+
+    def _running(self) -> ContextManager:
+        return self.autocast() if self.autocast is not None else contextlib.nullcontext()
 
     def _encode(
         self, loader: Iterable, encode: Callable[[torch.Tensor], torch.Tensor], device: torch.device, what: str
-    ) -> Tuple[List[torch.Tensor], List[torch.Tensor]]:
-        """Run ``encode`` over a loader of ``(pids, inputs)``: per batch ``feats [B, D]`` float32 and ``pids [B]``."""
+    ) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Run ``encode`` over a loader of ``(pids, inputs)`` in inference mode: ``(feats [N, D], pids [N])``,
+        features float32 L2-normalised on ``device``, ids int64 on the CPU; ordinary tensors."""
         feats, pids = [], []
         for batch in loader:
             if not isinstance(batch, (tuple, list)) or len(batch) != 2 or not isinstance(batch[1], torch.Tensor):
@@ -777,7 +929,7 @@ class Evaluator:
                     f"the {what} loader must yield (pids, {what} tensor) pairs; got a {type(batch).__name__}{shape}"
                 )
             batch_pids = torch.as_tensor(batch[0]).reshape(-1).cpu()
-            with self.autocast() if self.autocast is not None else contextlib.nullcontext():
+            with torch.inference_mode(), self._running():
                 out = encode(batch[1].to(device, non_blocking=True))
             if not isinstance(out, torch.Tensor) or out.dim() != 2 or out.shape[0] != batch_pids.numel():
                 got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
@@ -789,35 +941,65 @@ class Evaluator:
             pids.append(batch_pids)
         if not feats:
             raise UserError(f"the {what} loader is empty; check the test split")
-        return feats, pids
+        # concatenated outside inference mode, so that callers may modify the results in place
+        return F.normalize(torch.cat(feats), dim=1), torch.cat(pids)
 
-    def compute_embeddings(self, model: torch.nn.Module):
-        """Encode all captions and images with ``model`` in eval mode (its modes are restored afterwards).
+    @contextlib.contextmanager
+    def _evaluating(self, model) -> Iterator[None]:
+        """``model`` (if a module) in eval mode for the block; every submodule's mode is restored afterwards."""
+        modes = [(module, module.training) for module in model.modules()] if isinstance(model, torch.nn.Module) else []
+        if modes:
+            model.eval()
+        try:
+            yield
+        finally:
+            for module, training in modes:
+                module.training = training
+
+    def _reranker(self, rerank: Optional[Reranker]) -> Optional[Reranker]:
+        """``rerank`` run in inference mode and autocast, or None when re-ranking is off."""
+        if not self.rerank_topk:
+            return None
+        if rerank is None:
+            raise UserError(f"rerank_topk={self.rerank_topk} asks for re-ranking, but the model has no rerank "
+                            "method; set rerank_topk to 0")
+
+        def run(query_indices: torch.Tensor, gallery_indices: torch.Tensor) -> torch.Tensor:
+            with torch.inference_mode(), self._running():
+                return rerank(query_indices, gallery_indices).float()
+
+        return run
+
+    def compute_embeddings(self, model, query_set: Optional[str] = None):
+        """Encode the captions of one query set (the only one by default) and all images, the model in eval mode.
 
         Returns:
             ``(text_feats [Q, D], image_feats [G, D], q_pids [Q], g_pids [G])``: float32, L2-normalised
             features on the model's device; int ids on the CPU. Ordinary tensors (not inference tensors).
         """
-        param = next(model.parameters(), None)
-        device = param.device if param is not None else torch.device("cpu")
-        modes = [(module, module.training) for module in model.modules()]
-        model.eval()
-        try:
-            with torch.inference_mode():
-                text = self._encode(self.txt_loader, model.encode_text, device, "captions")
-                image = self._encode(self.img_loader, model.encode_image, device, "images")
-        finally:
-            for module, training in modes:
-                module.training = training
-        # concatenated outside inference mode, so that callers may modify the results in place
-        text_feats, image_feats = (F.normalize(torch.cat(feats), dim=1) for feats in (text[0], image[0]))
-        return text_feats, image_feats, torch.cat(text[1]), torch.cat(image[1])
+        if query_set is None and len(self.query_sets) > 1:
+            raise UserError(f"there are several query sets ({', '.join(self.query_sets)}); name one as query_set")
+        loader = self.query_sets[query_set if query_set is not None else next(iter(self.query_sets))]
+        encoders, device = _encoders_of(model), _device_of(model)
+        with self._evaluating(model):
+            image_feats, g_pids = self._encode(self.img_loader, encoders.images, device, "images")
+            text_feats, q_pids = self._encode(loader, encoders.texts, device, "captions")
+        return text_feats, image_feats, q_pids, g_pids
 
-    def eval(self, model: torch.nn.Module, i2t_metric: bool = False) -> float:
-        """Evaluate ``model``; logs the metrics table and returns the text-to-image Rank-1 (percent)."""
-        text_feats, image_feats, q_pids, g_pids = self.compute_embeddings(model)
-        self.last_results = evaluate(
-            text_feats, image_feats, q_pids, g_pids, i2t=i2t_metric, chunk_size=self.chunk_size, normalize=False
-        )
-        logger.info("\n%s", format_results(self.last_results))
-        return self.last_results["t2i"]["R1"]
+    def eval(self, model, i2t_metric: bool = False) -> float:
+        """Evaluate ``model``; logs the metrics table and returns the text-to-image Rank-1 (percent) of the first
+        query set."""
+        encoders, device = _encoders_of(model), _device_of(model)
+        results: Dict[str, Dict[str, float]] = {}
+        with self._evaluating(model):
+            rerank = self._reranker(encoders.rerank)
+            image_feats, g_pids = self._encode(self.img_loader, encoders.images, device, "images")
+            for name, loader in self.query_sets.items():
+                text_feats, q_pids = self._encode(loader, encoders.texts, device, "captions")
+                results.update(evaluate(
+                    text_feats, image_feats, q_pids, g_pids, i2t=i2t_metric, chunk_size=self.chunk_size,
+                    normalize=False, method=self.method, rerank=rerank, rerank_topk=self.rerank_topk, name=name,
+                ))
+        self.last_results = results
+        logger.info("\n%s", format_results(results))
+        return next(iter(results.values()))["R1"]
