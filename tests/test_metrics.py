@@ -243,11 +243,13 @@ def test_queries_without_correct_item_are_misses_and_excluded_from_map(caplog):
     assert cmc.tolist() == pytest.approx([c * 8 / 10 for c in ref_cmc], abs=1e-4)
 
 
-def test_nonzero_sparse_matches_nonzero():
+@pytest.mark.parametrize("density", [0.0, 0.001, 0.01, 0.5, 1.0])
+def test_nonzero_sparse_matches_nonzero(density):
     gen = torch.Generator().manual_seed(14)
-    mask = torch.rand(8 * 1001, generator=gen) < 0.01
-    mask[-1] = True
+    mask = torch.rand(64 * 1001, generator=gen) < density
+    mask[-1] = density > 0
     assert torch.equal(_nonzero_sparse(mask), mask.nonzero().squeeze(1))
+    assert torch.equal(_nonzero_sparse(mask.to(torch.uint8)), mask.nonzero().squeeze(1))
 
 
 def test_auto_chunk_size_follows_budget():

@@ -94,7 +94,7 @@ _BYTES_PER_SCORE = {"fast": 4, "reference": 40}
 _BYTES_PER_CORRECT = 96
 
 # Scores per block of the fast path: small enough for the block's work tensors to stay in the CPU cache.
-_BLOCK_ELEMENTS = 2**20
+_BLOCK_ELEMENTS = 2**19
 # Gathered items above which the fast path resolves the rows scanned so far (bounds their memory).
 _MAX_CANDIDATES = 2**20
 # Most bins per row; a row gets about one bin per four gallery items up to this.
@@ -270,17 +270,25 @@ class _Workspace:
 
     def ones(self, shape: Tuple[int, int]) -> torch.Tensor:
         """An int32 tensor of ones of ``shape`` (a broadcast row, kept filled)."""
-        buffer = self._buffers.get(("ones", torch.int32))
-        if buffer is None or buffer.numel() < shape[1]:
-            buffer = torch.ones(shape[1], dtype=torch.int32, device=self.device)
-            self._buffers[("ones", torch.int32)] = buffer
-        return buffer[: shape[1]].expand(shape)
+        return self._constant("ones", shape[1], torch.int32, lambda n: torch.ones(n, dtype=torch.int32)).expand(shape)
+
+    def arange(self, length: int, dtype: torch.dtype = torch.int64) -> torch.Tensor:
+        """``torch.arange(length)`` (kept filled)."""
+        return self._constant("arange", length, dtype, lambda n: torch.arange(n, dtype=dtype))
+
+    def _constant(self, name: str, length: int, dtype: torch.dtype, make: Callable[[int], torch.Tensor]) -> torch.Tensor:
+        buffer = self._buffers.get((name, dtype))
+        if buffer is None or buffer.numel() < length:
+            buffer = make(length).to(self.device)
+            self._buffers[(name, dtype)] = buffer
+        return buffer[:length]
 
 
 def _nonzero_sparse(mask: torch.Tensor) -> torch.Tensor:
     """Ascending indices ``[N]`` of the nonzero entries of a flat, mostly-zero bool or uint8 tensor whose
-    length is a multiple of 8; it is scanned 8 entries at a time through an int64 view."""
-    word_index = mask.view(torch.int64).nonzero().squeeze(1)  # [W] words holding a True entry
+    length is a multiple of 8; it is scanned 8 entries at a time through an int64 view (``nonzero`` costs
+    about the same per entry scanned whatever its width)."""
+    word_index = mask.view(torch.int64).nonzero().squeeze(1)  # [W] words holding a nonzero entry
     hits = mask.view(-1, 8).index_select(0, word_index).nonzero()  # [N, 2]: (word, byte)
     return word_index.index_select(0, hits[:, 0]) * 8 + hits[:, 1]
 
@@ -327,29 +335,31 @@ def _bin_keys(block: torch.Tensor, bins: int, work: _Workspace, label: str) -> t
         ``[n, G]`` int64 bins, in a reused buffer.
     """
     high, low = block.amax(dim=1), block.amin(dim=1)
-    if torch.isnan(high).any():
-        raise UserError(f"the similarities of {label} contain NaN; check the features or the similarity matrix")
     bounded = bool(torch.isfinite(high - low).all())  # then every (high - s) * scale lies in [0, bins - 1]
     if not bounded:  # use the range of the finite scores (0 if none) and clamp
+        if torch.isnan(high).any():
+            raise UserError(f"the similarities of {label} contain NaN; check the features or the similarity matrix")
         finite = torch.isfinite(block)
         high = torch.nan_to_num(block.masked_fill(~finite, float("-inf")).amax(dim=1), neginf=0.0)
         low = torch.nan_to_num(block.masked_fill(~finite, float("inf")).amin(dim=1), posinf=0.0)
     scale = (bins - 1) / (high - low)
-    scale = torch.where(torch.isfinite(scale) & (scale > 0), scale, torch.ones_like(scale))
+    scale = torch.where(torch.isfinite(scale) & (scale > 0), scale, 1.0)  # equal scores, or a range that overflows
     spread = torch.sub(high[:, None], block, out=work.get("spread", block.shape, block.dtype)).mul_(scale[:, None])
     if not bounded:
         spread.clamp_(0, bins - 1)
-    return work.get("keys", block.shape, torch.int64).copy_(spread)  # truncation = floor here
+    keys = work.get("keys32", block.shape, torch.int32).copy_(spread)  # truncation = floor here
+    return work.get("keys", block.shape, torch.int64).copy_(keys)  # (faster than converting to int64 at once)
 
 
 class _BlockScan(NamedTuple):
     """What :func:`_scan_block` keeps of a block of ``n`` rows (``P`` correct-item slots per row)."""
 
     flat: torch.Tensor  # [N] row-major positions in the block of the gathered items
+    keys: torch.Tensor  # [N] their bins
     scores: torch.Tensor  # [N] their scores
-    is_top: torch.Tensor  # [N] bool: in a top bin
-    first: torch.Tensor  # [N] correct items of the row in lower-numbered bins than the item
-    span: torch.Tensor  # [N] correct items of the row in the item's bin (0: the bin is only a top bin)
+    slots: torch.Tensor  # [N] int32: a correct item of the row in the same bin (its sorted slot), else -1
+    top_bin: torch.Tensor  # [n] last bin holding one of the row's k best items
+    correct_keys: torch.Tensor  # [n, P] bins of the sorted correct items, non-decreasing (padding: ``bins``)
     before: torch.Tensor  # [n, P] items in lower-numbered bins than each sorted correct item
 
 
@@ -372,29 +382,21 @@ def _scan_block(
     correct_keys = keys.gather(1, best_cols)  # [n, P], non-decreasing along a row (garbage in the padding)
     before = (upto.gather(1, correct_keys) - hist.gather(1, correct_keys)).masked_fill_(~valid, 0)
     correct_keys.masked_fill_(~valid, bins)  # padding: an extra column of the per-bin tables below
-    # the correct items sharing a bin are consecutive: the first of them, and how many
-    first_of = torch.searchsorted(correct_keys, correct_keys)
-    span_of = torch.searchsorted(correct_keys, correct_keys, right=True) - first_of
     # per-bin tables over [n, bins + 1]: the bins to gather (top and shared), and one correct slot of each bin
-    wanted = torch.le(torch.arange(bins + 1, device=block.device), top_bin,
-                      out=work.get("wanted", (num_rows, bins + 1), torch.bool)).view(torch.uint8)
-    wanted.scatter_(1, correct_keys, 1)
-    slot_of = work.get("slot_of", (num_rows, bins + 1), torch.int64).fill_(-1)
-    slot_of.scatter_(1, correct_keys, torch.arange(correct_keys.shape[1], device=block.device).expand_as(correct_keys))
+    wanted = torch.le(work.arange(bins + 1), top_bin, out=work.get("wanted", (num_rows, bins + 1), torch.bool))
+    wanted.scatter_(1, correct_keys, True)
+    slot_of = work.get("slot_of", (num_rows, bins + 1), torch.int32).fill_(-1)
+    slot_of.scatter_(1, correct_keys, work.arange(correct_keys.shape[1], torch.int32).expand(correct_keys.shape))
     numel = num_rows * num_gallery
-    mask = work.get("mask", (numel + (-numel) % 8,), torch.uint8)
-    mask[numel:] = 0
+    mask = work.get("mask", (numel + (-numel) % 8,), torch.bool)
+    mask[numel:] = False
     torch.gather(wanted, 1, keys, out=mask[:numel].view(block.shape))
     flat = _nonzero_sparse(mask)
-    rows = torch.div(flat, num_gallery, rounding_mode="floor")
     item_keys = keys.view(-1).index_select(0, flat)
-    slot = slot_of.view(-1).index_select(0, rows * (bins + 1) + item_keys)  # -1 outside the shared bins
-    shared = slot >= 0
-    at = rows * correct_keys.shape[1] + slot.clamp(min=0)
-    first = first_of.view(-1).index_select(0, at).masked_fill_(~shared, 0)
-    span = span_of.view(-1).index_select(0, at).masked_fill_(~shared, 0)
-    return _BlockScan(flat, block.view(-1).index_select(0, flat), item_keys <= top_bin.view(-1).index_select(0, rows),
-                      first, span, before)
+    rows = torch.div(flat, num_gallery, rounding_mode="floor")
+    item_slots = slot_of.view(-1).index_select(0, rows * (bins + 1) + item_keys)
+    return _BlockScan(flat, item_keys, block.view(-1).index_select(0, flat), item_slots, top_bin.squeeze(1),
+                      correct_keys, before)
 
 
 def _top_k_of(rows: torch.Tensor, cols: torch.Tensor, values: torch.Tensor, num_rows: int, k: int) -> torch.Tensor:
@@ -469,21 +471,27 @@ def _ranks_of_correct(
     """
     num_rows, width = best_scores.shape
     flat = torch.cat([scan.flat + start * num_gallery for scan, start in zip(scans, row_starts)])
-    values = torch.cat([scan.scores for scan in scans])
+    keys, values, slots = (torch.cat(parts) for parts in zip(*((scan.keys, scan.scores, scan.slots) for scan in scans)))
+    top_bin, correct_keys, before = (torch.cat(parts) for parts in zip(
+        *((scan.top_bin, scan.correct_keys, scan.before) for scan in scans)))
     rows = torch.div(flat, num_gallery, rounding_mode="floor")
     cols = flat - rows * num_gallery
-    is_top = torch.cat([scan.is_top for scan in scans]).nonzero().squeeze(1)
+    is_top = (keys <= top_bin.index_select(0, rows)).nonzero().squeeze(1)
     top = _top_k_of(*(t.index_select(0, is_top) for t in (rows, cols, values)), num_rows, k)
-    first, span = (torch.cat(parts) for parts in zip(*((scan.first, scan.span) for scan in scans)))
-    shared = (span > 0).nonzero().squeeze(1)
-    rows, cols, values, first, span = (t.index_select(0, shared) for t in (rows, cols, values, first, span))
+
+    # the correct items sharing a bin are consecutive: the first of them, and how many
+    first_of = torch.searchsorted(correct_keys, correct_keys)  # [c, P]
+    span_of = torch.searchsorted(correct_keys, correct_keys, right=True) - first_of
+    shared = (slots >= 0).nonzero().squeeze(1)
+    rows, cols, values = (t.index_select(0, shared) for t in (rows, cols, values))
+    at = rows * width + slots.index_select(0, shared)
+    first, span = first_of.view(-1).index_select(0, at), span_of.view(-1).index_select(0, at)
     ahead = _place(best_scores, best_cols, rows, cols, values, first, span)
     slots = width + 1
     counts = torch.bincount(rows * slots + ahead, minlength=num_rows * slots)
     counts -= torch.bincount(rows * slots + first + span, minlength=num_rows * slots)
     preceding_in_bin = counts.view(num_rows, slots)[:, :width].cumsum(dim=1)
-    before = torch.cat([scan.before for scan in scans]).to(torch.int64)
-    ranks = 1 + before + preceding_in_bin
+    ranks = 1 + before.to(torch.int64) + preceding_in_bin
     return top, ranks.masked_fill_(~valid, num_gallery + 1)
 
 
