@@ -123,6 +123,7 @@ def irra_rank(
     sorted_ids = g_pids[indices]  # [Q, G] int64
     matches = sorted_ids.eq(q_pids.view(-1, 1))  # [Q, G] bool
     del sorted_ids
+    indices = indices[:, :max_rank].clone()
     cmc = matches[:, :max_rank].cumsum(1)
     cmc[cmc > 1] = 1
     cmc = cmc.float().mean(0) * 100

@@ -10,15 +10,8 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
 from utils.errors import UserError
-from utils.metrics import (
-    Evaluator,
-    auto_chunk_size,
-    evaluate,
-    format_results,
-    rank,
-    rank_features,
-)
-from utils.metrics import METHODS, _nonzero_sparse
+from utils.metrics import Evaluator, evaluate, format_results, rank, rank_features
+from utils.ranking import METHODS, _nonzero_sparse, auto_chunk_size
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -203,7 +196,7 @@ def test_rank_does_not_depend_on_chunk_size():
 
 
 def test_rank_resolves_blocks_early_when_too_many_items_are_gathered(monkeypatch):
-    import utils.metrics as metrics
+    import utils.ranking as metrics
 
     # one row per block and a budget of 40 gathered items: every block is resolved on its own
     monkeypatch.setattr(metrics, "_BLOCK_ELEMENTS", 1)
@@ -232,7 +225,7 @@ def test_queries_without_correct_item_are_misses_and_excluded_from_map(caplog):
     similarity, q_pids, g_pids = random_case(13, 10, 80, 4)
     q_pids = q_pids.clone()
     q_pids[[2, 5]] = 1000  # no gallery item has this id
-    with caplog.at_level(logging.WARNING, logger="utils.metrics"):
+    with caplog.at_level(logging.WARNING, logger="utils.ranking"):
         cmc, mAP, mINP, _ = rank(similarity, q_pids, g_pids, chunk_size=3)
     assert "2 of 10 queries have no correct gallery item" in caplog.text
     keep = torch.tensor([i not in (2, 5) for i in range(10)])
@@ -544,7 +537,7 @@ def test_extreme_score_ranges(scale):
 
 
 def test_many_blocks_and_bins(monkeypatch):
-    import utils.metrics as metrics
+    import utils.ranking as metrics
 
     # a gallery large enough for the full number of bins, scanned a few rows per block
     monkeypatch.setattr(metrics, "_BLOCK_ELEMENTS", 3 * 17000)
