@@ -429,11 +429,18 @@ def test_rank_bad_input(kwargs, message):
         rank(**args)
 
 
-def test_rank_rejects_nan():
+@pytest.mark.parametrize("method", METHODS)
+def test_rank_rejects_nan(method):
     similarity = torch.rand(5, 300)
     similarity[3, 123] = float("nan")
     with pytest.raises(UserError, match="queries 2..3 contain NaN"):
-        rank(similarity, torch.zeros(5, dtype=torch.long), torch.zeros(300, dtype=torch.long), chunk_size=2)
+        rank(similarity, torch.zeros(5, dtype=torch.long), torch.zeros(300, dtype=torch.long), chunk_size=2,
+             method=method)
+    text_feats = torch.rand(5, 4)
+    text_feats[1, 2] = float("nan")
+    with pytest.raises(UserError, match="queries 0..1 contain NaN"):
+        rank_features(text_feats, torch.rand(300, 4), torch.zeros(5, dtype=torch.long),
+                      torch.zeros(300, dtype=torch.long), chunk_size=2, method=method)
 
 
 def test_rank_features_bad_input():

@@ -78,8 +78,8 @@ METHODS = ("fast", "reference")
 Reranker = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 # Work bytes per similarity of a chunk: fast path, the chunk's scores when they are computed (features);
-# reference, the sorted row (values and indices), the final order and its hit flags and running sums.
-_BYTES_PER_SCORE = {"fast": 4, "reference": 40}
+# reference, the sorted row (values and indices), its ids, hit flags, running sums and their quotients.
+_BYTES_PER_SCORE = {"fast": 4, "reference": 64}
 # Work bytes per (query, correct item) pair: sorted scores and indices, bins, counts, ranks.
 _BYTES_PER_CORRECT = 96
 
@@ -626,19 +626,21 @@ def _rank_rows(
     work = _Workspace(device)
     for start in range(0, num_queries, rows_per_chunk):
         end = min(start + rows_per_chunk, num_queries)
-        scores, pids = score_rows(start, end, work), q_pids[start:end]
+        scores, pids, label = score_rows(start, end, work), q_pids[start:end], f"queries {start}..{end - 1}"
         rescore = _rescorer(rerank, start, end, device) if head else None
         if method == "reference":
-            top, first, ap, inp = _rank_chunk_by_sorting(scores.to(torch.promote_types(scores.dtype, torch.float32)),
-                                                         pids, g_pids, width, rescore, head)
+            if torch.isnan(scores).any():
+                raise UserError(f"the similarities of {label} contain NaN; check the features or the similarity matrix")
+            scores = scores.to(torch.promote_types(scores.dtype, torch.float32))
+            top, first, ap, inp = _rank_chunk_by_sorting(scores, pids, g_pids, width, rescore, head)
         else:
-            top, ranks, counts = _rank_chunk_fast(scores, pids, groups, width, work, f"queries {start}..{end - 1}")
+            top, ranks, counts = _rank_chunk_fast(scores, pids, groups, width, work, label)
             if rescore is not None:
                 top, ranks = _apply_rerank(top, ranks, rescore(top[:, :head]))
             first = ranks[:, 0]  # the padding rank G + 1 for rows without a correct item
             ap, inp = _ap_inp(ranks, counts)
         first_hits.append(first)
-        top_indices.append(top[:, :max_rank].cpu())
+        top_indices.append(top[:, :max_rank].contiguous().cpu())  # a copy, not a view of a chunk's tensors
         ap_sum += ap.sum()
         inp_sum += inp.sum()
     first = torch.cat(first_hits).clamp(max=max_rank + 1)
@@ -701,8 +703,6 @@ def rank(
         raise UserError(f"similarity is empty ({num_queries} queries x {num_gallery} gallery items); nothing to rank")
     q = _as_pids(q_pids, "q_pids", num_queries, "similarity row (query)", similarity.device)
     g = _as_pids(g_pids, "g_pids", num_gallery, "similarity column (gallery item)", similarity.device)
-    if method == "reference" and torch.isnan(similarity).any():
-        raise UserError("the similarities contain NaN; check the features or the similarity matrix")
     result = _rank_rows(lambda start, end, work: similarity[start:end], num_queries, num_gallery, q, g,
                         max_rank, chunk_size, method, rerank, rerank_topk)
     return result if get_mAP else (result[0], result[3])
