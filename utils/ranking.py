@@ -86,7 +86,7 @@ _BYTES_PER_CORRECT = 96
 # Scores per block of the fast path: small enough for the block's work tensors to stay in the CPU cache.
 _BLOCK_ELEMENTS = 2**19
 # Gathered items above which the fast path resolves the rows scanned so far (bounds their memory).
-_MAX_CANDIDATES = 2**20
+_MAX_CANDIDATES = 2**19
 # Most bins per row; a row gets about one bin per four gallery items up to this.
 _MAX_BINS = 4096
 
@@ -371,7 +371,9 @@ def _scan_block(
     before = (upto.gather(1, correct_keys) - hist.gather(1, correct_keys)).masked_fill_(~valid, 0)
     correct_keys.masked_fill_(~valid, bins)  # padding: an extra column of the per-bin tables below
     # per-bin tables over [n, bins + 1]: the bins to gather (top and shared), and one correct slot of each bin
-    wanted = torch.le(work.arange(bins + 1), top_bin, out=work.get("wanted", (num_rows, bins + 1), torch.bool))
+    wanted = work.get("wanted", (num_rows, bins + 1), torch.bool).zero_()
+    top_width = int(top_bin.max()) + 1  # the top bins are a short prefix of each row
+    torch.le(work.arange(top_width), top_bin, out=wanted[:, :top_width])
     wanted.scatter_(1, correct_keys, True)
     slot_of = work.get("slot_of", (num_rows, bins + 1), torch.int32).fill_(-1)
     slot_of.scatter_(1, correct_keys, work.arange(correct_keys.shape[1], torch.int32).expand(correct_keys.shape))
