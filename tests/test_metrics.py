@@ -137,15 +137,18 @@ def test_rank_equals_reference(seed, num_queries, num_gallery, num_ids, decimals
     assert_matches_reference(similarity, q_pids, g_pids, max_rank, chunk_size=chunk_size)
 
 
+def random_shape_case(seed, max_queries, max_gallery, max_ids):
+    """``random_case`` with random sizes and id count, rounded to 0, 1, 2 decimals or not (by ``seed``);
+    also returns the generator, for further random choices."""
+    gen = torch.Generator().manual_seed(seed)
+    sizes = [int(torch.randint(1, top, (), generator=gen)) for top in (max_queries, max_gallery, max_ids)]
+    return (*random_case(seed + 1, *sizes, [None, 0, 1, 2][seed % 4]), gen)
+
+
 @pytest.mark.parametrize("seed", range(8))
 def test_rank_equals_reference_random_shapes(seed):
     # random sizes, id counts, rounding, chunking and max_rank; a few -inf scores
-    gen = torch.Generator().manual_seed(100 + seed)
-    num_queries = int(torch.randint(1, 30, (), generator=gen))
-    num_gallery = int(torch.randint(1, 900, (), generator=gen))
-    num_ids = int(torch.randint(1, 25, (), generator=gen))
-    decimals = [None, 0, 1, 2][seed % 4]
-    similarity, q_pids, g_pids = random_case(200 + seed, num_queries, num_gallery, num_ids, decimals)
+    similarity, q_pids, g_pids, gen = random_shape_case(100 + seed, 30, 900, 25)
     similarity[torch.rand(similarity.shape, generator=gen) < 0.01] = float("-inf")
     max_rank = int(torch.randint(1, 20, (), generator=gen))
     chunk_size = int(torch.randint(1, 12, (), generator=gen))
@@ -501,11 +504,8 @@ def test_reference_method_matches_hand_computed_case():
 def test_fast_equals_reference_method_on_random_cases(seed):
     # random sizes (chunks rarely divide Q), id counts (up to hundreds of correct items), ties, +-inf,
     # a correct item ranked last, max_rank above G, i2t (the transposed, non-contiguous matrix)
-    gen = torch.Generator().manual_seed(1000 + seed)
-    num_queries = int(torch.randint(1, 40, (), generator=gen))
-    num_gallery = int(torch.randint(1, 700, (), generator=gen))
-    num_ids = int(torch.randint(1, 30, (), generator=gen))
-    similarity, q_pids, g_pids = random_case(2000 + seed, num_queries, num_gallery, num_ids, [None, 0, 1, 2][seed % 4])
+    similarity, q_pids, g_pids, gen = random_shape_case(1000 + seed, 40, 700, 30)
+    num_queries, num_gallery = similarity.shape
     special = torch.rand(similarity.shape, generator=gen)
     similarity[special < 0.02] = float("-inf")
     similarity[special > 0.99] = float("inf")
