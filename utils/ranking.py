@@ -27,7 +27,8 @@ Re-ranking
 A method may re-score each query's top ``K`` gallery items (in the order above) with a slower model, e.g. a
 cross-encoder. The final ranking puts those ``K`` items first, ordered by their new score (higher is better;
 ties keep their first-stage order), followed by every other item in its first-stage order. Metrics and
-top-k indices are computed on the final ranking.
+top-k indices are computed on the final ranking. The fast path needs only each query's first ``K`` items and the
+first-stage ranks of its correct items for that (:func:`_apply_rerank`).
 
 Two implementations, same results
 ---------------------------------
@@ -446,11 +447,12 @@ def _ranks_of_correct(
     """Top-k and ranks of the correct items of consecutive scanned blocks (``c`` rows in all).
 
     A correct item's rank is 1 + the items in lower-numbered bins (``before``) + the items of its own bin
-    that precede it. All items of its bin were gathered; for each gathered item ``x`` in a shared bin,
-    ``ahead(x)`` correct items precede it or are it, and ``end(x)`` is how many correct items lie in its bin
-    or lower-numbered ones. Then ``x`` precedes the ``m``-th correct item (0-based) of its own bin iff
-    ``ahead(x) <= m < end(x)``; items of other bins satisfy both bounds or neither, so counting
-    ``#{ahead <= m} - #{end <= m}`` per row counts exactly the own-bin predecessors.
+    that precede it, all of which were gathered. Number a row's correct items 0, 1, ... in ranking order; for
+    a gathered item ``x`` in a shared bin, ``ahead(x)`` correct items precede it or are it, and
+    ``end(x) = first + span`` correct items lie in its bin or lower-numbered ones. For a correct item ``m`` of
+    x's bin, ``x`` precedes ``m`` iff ``ahead(x) <= m``, while ``m < end(x)``; for ``m`` in another bin,
+    ``ahead(x) <= m`` and ``end(x) <= m`` hold both (x's bin is lower-numbered) or neither. So
+    ``#{x : ahead(x) <= m} - #{x : end(x) <= m}`` over the row's gathered items counts m's own-bin predecessors.
 
     Args:
         scans: block results; row_starts: first row of each block (within these ``c`` rows).
