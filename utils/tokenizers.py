@@ -1,0 +1,256 @@
+"""Tokenizers behind one small interface: text in, token ids out, plus the special ids that caption encoding and
+masked-language-model corruption need.
+
+A method names the tokenizer it trains with (IRRA and PHP: CLIP's byte-level BPE; IVT: BERT WordPiece; Bi-IRRA:
+XLM-R SentencePiece). Everything downstream — caption encoding (:func:`encode_caption`), MLM masking, caches —
+talks to a :class:`Tokenizer` only:
+
+* ``encode(text)`` gives the content ids of a caption, without special tokens;
+* ``specials`` gives ``pad``, ``bos`` (start), ``eos`` (end), ``mask`` and ``unk`` ids;
+* ``random_token_range`` is the half-open id range that MLM draws random replacements from;
+* ``fingerprint()`` identifies the vocabulary (caches of encoded captions are keyed by it).
+
+A caption row is ``bos, ids…, eos`` followed by ``pad`` up to the text length; a caption that is too long keeps
+its first ``length - 1`` tokens and ends with ``eos``.
+
+:class:`ClipBpeTokenizer` gives exactly IRRA's ids. :class:`HuggingFaceTokenizer` adapts a ``transformers``
+tokenizer read from a local folder (:func:`load_hf_tokenizer`).
+"""
+from __future__ import annotations
+
+import abc
+import hashlib
+import os
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from utils.errors import UserError
+from utils.simple_tokenizer import EOT_TOKEN, MASK_TOKEN, SOT_TOKEN, SimpleTokenizer
+
+
+@dataclass(frozen=True)
+class SpecialIds:
+    """The ids of a tokenizer's special tokens (``unk`` is None where the vocabulary has no unknown token)."""
+
+    pad: int
+    bos: int
+    eos: int
+    mask: int
+    unk: int | None = None
+
+    def as_set(self) -> frozenset[int]:
+        return frozenset(i for i in (self.pad, self.bos, self.eos, self.mask, self.unk) if i is not None)
+
+
+class Tokenizer(abc.ABC):
+    """Text to token ids, with the special ids the rest of the project needs (see the module docstring)."""
+
+    #: Short name, stored in caches and logs (``clip_bpe``, ``wordpiece``, ``xlmr``).
+    name: str = "tokenizer"
+
+    @property
+    @abc.abstractmethod
+    def vocab_size(self) -> int:
+        """Number of ids (embedding tables and MLM heads are this size)."""
+
+    @property
+    @abc.abstractmethod
+    def specials(self) -> SpecialIds:
+        """Padding, start, end, mask and unknown ids."""
+
+    @abc.abstractmethod
+    def encode(self, text: str) -> list[int]:
+        """Content ids of ``text`` (cleaned as the tokenizer does), without start/end tokens."""
+
+    @abc.abstractmethod
+    def decode(self, ids: Iterable[int]) -> str:
+        """Text of ``ids`` (special tokens are dropped where the underlying tokenizer does so)."""
+
+    @abc.abstractmethod
+    def fingerprint(self) -> str:
+        """A short hex digest of everything that decides the ids (vocabulary files, cleaning version)."""
+
+    @property
+    def random_token_range(self) -> tuple[int, int]:
+        """``[low, high)``: MLM's random replacements are drawn uniformly from these ids."""
+        return 0, self.vocab_size
+
+    @property
+    def special_ids(self) -> frozenset[int]:
+        """Ids that are never selected for masking (padding, start, end, mask, unknown)."""
+        return self.specials.as_set()
+
+
+class ClipBpeTokenizer(Tokenizer):
+    """CLIP's byte-level BPE with IRRA's vocabulary: pad 0, ``<|mask|>`` 49405, start 49406, end 49407.
+
+    MLM replaces with ids from ``[1, 49405)``, as IRRA does.
+    """
+
+    name = "clip_bpe"
+
+    def __init__(self, bpe_path: str | os.PathLike | None = None) -> None:
+        self.bpe = SimpleTokenizer(bpe_path)
+        enc = self.bpe.encoder
+        self._specials = SpecialIds(pad=0, bos=enc[SOT_TOKEN], eos=enc[EOT_TOKEN], mask=enc[MASK_TOKEN])
+        self._bpe_path = bpe_path
+
+    @property
+    def vocab_size(self) -> int:
+        return self.bpe.vocab_size
+
+    @property
+    def specials(self) -> SpecialIds:
+        return self._specials
+
+    @property
+    def random_token_range(self) -> tuple[int, int]:
+        return 1, self._specials.mask
+
+    @property
+    def encoder(self) -> dict[str, int]:
+        """Token string -> id (IRRA code reads ``tokenizer.encoder['<|mask|>']``)."""
+        return self.bpe.encoder
+
+    def encode(self, text: str) -> list[int]:
+        return self.bpe.encode(text)
+
+    def decode(self, ids: Iterable[int]) -> str:
+        special = {self._specials.bos, self._specials.eos}
+        return self.bpe.decode(i for i in ids if int(i) not in special and int(i) != self._specials.pad).strip()
+
+    def fingerprint(self) -> str:
+        # The merges decide every id; the table itself is fixed by the merges file.
+        digest = hashlib.sha256(b"clip_bpe/irra-vocab/v1")
+        for first, second in sorted(self.bpe.bpe_ranks, key=self.bpe.bpe_ranks.__getitem__):
+            digest.update(f"{first} {second}\n".encode())
+        return digest.hexdigest()[:16]
+
+
+class HuggingFaceTokenizer(Tokenizer):
+    """A ``transformers`` tokenizer (WordPiece, SentencePiece, …) behind :class:`Tokenizer`.
+
+    Start/end are the tokenizer's ``cls``/``sep`` tokens when it has them (BERT: ``[CLS]``/``[SEP]``), else its
+    ``bos``/``eos`` tokens (XLM-R: ``<s>``/``</s>``). MLM replacements are drawn from the ids after the last
+    special id at the start of the vocabulary (BERT keeps ``[unused*]`` and special tokens there; XLM-R its four
+    fairseq tokens), excluding the mask token when it sits at the end (XLM-R).
+
+    Args:
+        hf_tokenizer: a loaded ``transformers`` tokenizer.
+        name: short name for caches and logs.
+        files: the vocabulary files read to build it (hashed by :meth:`fingerprint`).
+        clean: an optional caption-cleaning function applied before encoding.
+    """
+
+    def __init__(self, hf_tokenizer: Any, name: str, files: Sequence[str] = (), clean=None) -> None:
+        self.hf = hf_tokenizer
+        self.name = name
+        self.files = tuple(files)
+        self.clean = clean
+        tok = hf_tokenizer
+        bos = tok.cls_token_id if tok.cls_token_id is not None else tok.bos_token_id
+        eos = tok.sep_token_id if tok.sep_token_id is not None else tok.eos_token_id
+        missing = [what for what, value in (("pad", tok.pad_token_id), ("start", bos), ("end", eos),
+                                            ("mask", tok.mask_token_id)) if value is None]
+        if missing:
+            raise UserError(f"the {name} tokenizer has no {', '.join(missing)} token; a caption tokenizer needs "
+                            f"pad, start, end and mask tokens (use the model's own tokenizer files)")
+        self._specials = SpecialIds(pad=tok.pad_token_id, bos=bos, eos=eos, mask=tok.mask_token_id,
+                                    unk=tok.unk_token_id)
+        self._size = len(tok)
+        if self._size <= len(self._specials.as_set()):
+            raise UserError(f"the {name} tokenizer has only {self._size} ids, all of them special: its vocabulary "
+                            f"file was not read (see docs/architecture.md, 'tokenizers')")
+
+    @property
+    def vocab_size(self) -> int:
+        return self._size
+
+    @property
+    def specials(self) -> SpecialIds:
+        return self._specials
+
+    @property
+    def random_token_range(self) -> tuple[int, int]:
+        special = self._specials.as_set() | set(getattr(self.hf, "all_special_ids", []))
+        low = 0
+        while low in special or self.hf.convert_ids_to_tokens(low).startswith("[unused"):
+            low += 1
+        high = self._size
+        while high - 1 in special:
+            high -= 1
+        return low, high
+
+    def encode(self, text: str) -> list[int]:
+        if self.clean is not None:
+            text = self.clean(text)
+        return list(self.hf(text, add_special_tokens=False)["input_ids"])
+
+    def decode(self, ids: Iterable[int]) -> str:
+        return self.hf.decode([int(i) for i in ids], skip_special_tokens=True)
+
+    def fingerprint(self) -> str:
+        digest = hashlib.sha256(f"{self.name}/{type(self.hf).__name__}/{self._size}".encode())
+        for path in self.files:
+            with open(path, "rb") as handle:
+                digest.update(handle.read())
+        return digest.hexdigest()[:16]
+
+
+#: transformers class name and the vocabulary file it needs, per tokenizer kind.
+HF_TOKENIZER_KINDS = {
+    "wordpiece": ("BertTokenizer", "vocab.txt"),
+    "xlmr": ("XLMRobertaTokenizer", "sentencepiece.bpe.model"),
+}
+
+
+def load_hf_tokenizer(kind: str, folder: str, clean=None) -> HuggingFaceTokenizer:
+    """Read a ``wordpiece`` (BERT) or ``xlmr`` (XLM-R) tokenizer from a local folder holding its vocabulary file.
+
+    The tokenizer is built with ``<Class>.from_pretrained(folder)``: in transformers 5 building it from the
+    vocabulary file directly silently yields a few-id tokenizer that maps every word to the unknown token.
+
+    Raises:
+        UserError: unknown kind, missing folder or vocabulary file, or a tokenizer that cannot be built.
+    """
+    if kind not in HF_TOKENIZER_KINDS:
+        raise UserError(f"unknown tokenizer kind {kind!r}; choose one of {', '.join(HF_TOKENIZER_KINDS)}")
+    class_name, vocab_file = HF_TOKENIZER_KINDS[kind]
+    path = os.path.join(folder, vocab_file)
+    if not os.path.isfile(path):
+        raise UserError(f"tokenizer folder {folder} has no {vocab_file}; put the {kind} tokenizer files there "
+                        f"(e.g. from the Hugging Face model page) or pass another --tokenizer_dir")
+    import transformers  # heavy optional dependency: only the methods that use it pay for the import
+
+    try:
+        hf = getattr(transformers, class_name).from_pretrained(folder)
+    except (OSError, ValueError, ImportError) as err:
+        raise UserError(f"cannot build the {kind} tokenizer from {folder} ({err})") from None
+    return HuggingFaceTokenizer(hf, kind, files=[path], clean=clean)
+
+
+def encode_caption(text: str, tokenizer: Tokenizer, length: int, truncate: bool = True) -> torch.Tensor:
+    """One caption as ``LongTensor[length]``: start, content ids, end, then padding.
+
+    A caption longer than ``length`` (start and end included) keeps its first ``length - 1`` tokens and ends
+    with the end token when ``truncate`` is true.
+
+    Raises:
+        UserError: ``length < 2``, or the caption is too long and ``truncate`` is false.
+    """
+    if length < 2:
+        raise UserError(f"text_length must be at least 2 (start and end tokens), got {length}; fix --text_length.")
+    special = tokenizer.specials
+    tokens = [special.bos, *tokenizer.encode(text), special.eos]
+    if len(tokens) > length:
+        if not truncate:
+            raise UserError(f"Caption is {len(tokens)} tokens long (with start/end tokens) but text_length is "
+                            f"{length}: '{text[:80]}'. Raise --text_length or allow truncation.")
+        tokens = tokens[:length]
+        tokens[-1] = special.eos
+    row = torch.full((length,), special.pad, dtype=torch.long)
+    row[: len(tokens)] = torch.tensor(tokens, dtype=torch.long)
+    return row
