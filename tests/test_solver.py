@@ -4,6 +4,8 @@ import pytest
 import torch
 from torch import nn
 
+import datasets  # noqa: F401  (registers the data options get_args needs)
+import model  # noqa: F401  (registers the methods)
 from solver import LRSchedulerWithWarmup, make_optimizer, make_param_groups
 from solver.build import build_lr_scheduler, build_optimizer, irra_lr_rules
 from utils.errors import UserError
@@ -72,8 +74,16 @@ def test_scheduler_rejects_bad_settings():
         LRSchedulerWithWarmup(one_param_optimizer(), milestones=(50, 20))
     with pytest.raises(UserError, match="lrscheduler"):
         LRSchedulerWithWarmup(one_param_optimizer(), mode="triangle")
-    with pytest.raises(UserError, match="warmup_epochs"):
-        LRSchedulerWithWarmup(one_param_optimizer(), mode="cosine", warmup_epochs=10, total_epochs=10)
+
+
+@pytest.mark.parametrize("total", [3, 5])
+def test_a_run_no_longer_than_its_warmup_stays_in_warmup(total):
+    """IRRA accepts --num_epoch <= --warmup_epochs; every epoch then uses a warmup rate."""
+    sched = LRSchedulerWithWarmup(one_param_optimizer(1.0), mode="cosine", warmup_factor=0.1, warmup_epochs=5,
+                                  warmup_method="linear", total_epochs=total)
+    got = epoch_lrs(sched, total)
+    assert got == pytest.approx([0.1 + 0.9 * e / 5 for e in range(total)])
+    assert sched.get_last_lr()[0] <= 1.0  # the step after the last epoch computes a finite rate
 
 
 class Named(nn.Module):

@@ -85,12 +85,12 @@ def test_train_then_test_then_resume(data_root, tmp_path):
 def brute_force_metrics(config_file):
     """R1/R5/R10/mAP/mINP of a run's best.pth computed here from its features, one query at a time."""
     from datasets import build_dataloader, build_dataset
-    from utils.run_loading import load_run_model, open_run
+    from processor.run_loading import load_run_model, open_run
 
     handle = open_run(config_file, device="cpu")
     model = load_run_model(handle)
     split = build_dataset(handle.args.dataset_name, handle.args.root_dir, verbose=False).test
-    img_loader, txt_loader, _ = build_dataloader(handle.args)
+    _, img_loader, txt_loader, _ = build_dataloader(handle.args)
     with torch.no_grad():
         image_feats = torch.cat([model.encode_image(images) for _, images in img_loader])
         text_feats = torch.cat([model.encode_text(ids) for _, ids in txt_loader])

@@ -26,7 +26,7 @@ if __package__ in (None, ""):  # run as `python tools/plot_curves.py`: make the 
 
 from utils.entry import run_main  # noqa: E402
 from utils.errors import UserError  # noqa: E402
-from utils.visualization import check_picture_path  # noqa: E402
+from processor.visualization import check_picture_path  # noqa: E402
 
 logger = logging.getLogger(__name__)
 

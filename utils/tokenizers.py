@@ -87,16 +87,15 @@ class Tokenizer(abc.ABC):
 class ClipBpeTokenizer(Tokenizer):
     """CLIP's byte-level BPE with IRRA's vocabulary: pad 0, ``<|mask|>`` 49405, start 49406, end 49407.
 
-    MLM replaces with ids from ``[1, 49405)``, as IRRA does.
+    MLM replaces with ids from ``[1, 49405)``, as IRRA does. ``bpe`` wraps an existing :class:`SimpleTokenizer`.
     """
 
     name = "clip_bpe"
 
-    def __init__(self, bpe_path: str | os.PathLike | None = None) -> None:
-        self.bpe = SimpleTokenizer(bpe_path)
+    def __init__(self, bpe_path: str | os.PathLike | None = None, bpe: SimpleTokenizer | None = None) -> None:
+        self.bpe = bpe if bpe is not None else SimpleTokenizer(bpe_path)
         enc = self.bpe.encoder
         self._specials = SpecialIds(pad=0, bos=enc[SOT_TOKEN], eos=enc[EOT_TOKEN], mask=enc[MASK_TOKEN])
-        self._bpe_path = bpe_path
 
     @property
     def vocab_size(self) -> int:
