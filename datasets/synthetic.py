@@ -36,7 +36,8 @@ from typing import Optional, Sequence
 import numpy as np
 from PIL import Image, ImageDraw
 
-from datasets.pedes import DATASETS, get_spec
+from datasets.pedes import DATASETS, build_dataset, get_spec
+from utils.entry import run_main
 from utils.errors import UserError
 
 logger = logging.getLogger(__name__)
@@ -671,8 +672,6 @@ def render_contact_sheet(
     ``<out_path>.txt``. The dataset is read back with the ordinary parser, so the sheet shows exactly
     what training sees. Returns the PNG path.
     """
-    from datasets.pedes import build_dataset
-
     dataset = build_dataset(dataset_name, root, verbose=False)
     rows: dict[int, dict[str, list[str]]] = {}
     if split == "train":
@@ -737,8 +736,6 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Entry point; returns the process exit status (2 after a one-line ``error:`` for bad input)."""
-    from utils.entry import run_main
-
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     return run_main(parse_args, _write_all, argv)
 
