@@ -254,3 +254,50 @@ def encode_caption(text: str, tokenizer: Tokenizer, length: int, truncate: bool 
     row = torch.full((length,), special.pad, dtype=torch.long)
     row[: len(tokens)] = torch.tensor(tokens, dtype=torch.long)
     return row
+
+
+#: File name under which :func:`train_sentencepiece` saves its model (the name XLM-R's tokenizer reads).
+SENTENCEPIECE_FILE = HF_TOKENIZER_KINDS["xlmr"][1]
+
+
+def train_sentencepiece(captions: Sequence[str], folder: str | os.PathLike, vocab_size: int = 1000) -> str:
+    """Train a small SentencePiece model on ``captions`` (any languages) and save it where ``load_hf_tokenizer``
+    reads an XLM-R tokenizer: ``folder/sentencepiece.bpe.model``.
+
+    The model is a unigram model in XLM-R's layout (``unk`` 0, ``<s>`` 1, ``</s>`` 2, no padding piece), with
+    every character of the captions in its vocabulary (Chinese characters included) and NFKC normalisation.
+    ``vocab_size`` is an upper bound: a small text supports fewer pieces and gets fewer. Training runs on one
+    thread, so the same captions give the same file. Loaded with ``load_hf_tokenizer("xlmr", folder)`` it has
+    ``pieces + 2`` ids: ``<s>`` 0, ``<pad>`` 1, ``</s>`` 2, ``<unk>`` 3, the pieces, and ``<mask>`` last.
+
+    Returns:
+        ``folder`` (created if needed).
+
+    Raises:
+        UserError: no non-empty caption, ``vocab_size`` below the number of distinct characters plus 3, or the
+            ``sentencepiece`` package is missing.
+    """
+    texts = [c for c in captions if c.strip()]
+    if not texts:
+        raise UserError("cannot train a SentencePiece tokenizer: no non-empty caption was given")
+    try:
+        import sentencepiece  # optional dependency: only the SentencePiece tokenizers need it
+    except ImportError:
+        raise UserError("training a SentencePiece tokenizer needs the sentencepiece package: "
+                        "pip install sentencepiece protobuf") from None
+    os.makedirs(folder, exist_ok=True)
+    path = os.path.join(folder, SENTENCEPIECE_FILE)
+    partial = path + ".partial"
+    try:
+        with open(partial, "wb") as handle:
+            sentencepiece.SentencePieceTrainer.train(
+                sentence_iterator=iter(texts), model_writer=handle, model_type="unigram",
+                vocab_size=int(vocab_size), hard_vocab_limit=False, character_coverage=1.0,
+                unk_id=0, bos_id=1, eos_id=2, pad_id=-1, num_threads=1, minloglevel=2,
+            )
+    except RuntimeError as err:
+        os.remove(partial)
+        raise UserError(f"cannot train a SentencePiece tokenizer with vocab_size {vocab_size} on {len(texts)} "
+                        f"captions; it needs one id per distinct character plus 3 ({str(err).splitlines()[0]})") from None
+    os.replace(partial, path)
+    return os.fspath(folder)
