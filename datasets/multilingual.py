@@ -331,16 +331,11 @@ class MultilingualDataset:
 
 
 def build_multilingual_dataset(
-    name: str,
-    root: str | os.PathLike,
-    languages: Sequence[str],
-    anno_folder: str = ANNOTATION_FOLDER,
-    image_folder: str = IMAGE_FOLDER,
-    train_id_offset: Optional[int] = None,
-    held_out_ids: Collection[int] = (),
-    verbose: bool = True,
+    name: str, root: str | os.PathLike, languages: Sequence[str], **options: Any
 ) -> MultilingualDataset:
-    """Parse ``root/name`` in the multilingual layout for ``languages`` (source first); see
-    :class:`MultilingualDataset` for the arguments."""
-    return MultilingualDataset(root, name, languages, anno_folder=anno_folder, image_folder=image_folder,
-                               train_id_offset=train_id_offset, held_out_ids=held_out_ids, verbose=verbose)
+    """Parse ``root/name`` in the multilingual layout for ``languages`` (source first).
+
+    ``options`` are :class:`MultilingualDataset`'s keyword arguments: ``anno_folder``, ``image_folder``,
+    ``train_id_offset``, ``held_out_ids``, ``verbose``.
+    """
+    return MultilingualDataset(root, name, languages, **options)

@@ -72,8 +72,8 @@ class RandomPicks(torch.nn.Module):
         return img
 
     def __repr__(self) -> str:
-        inner = "".join(f"\n    {t}" for t in self.candidates)
-        return f"{type(self).__name__}(k={self.k}, with replacement, from:{inner}\n)"
+        inner = "".join(f"\n        {t}" for t in self.candidates)
+        return f"{type(self).__name__}(k={self.k}, with replacement, from:{inner}\n    )"
 
 
 def build_tbps_transforms(img_size: Sequence[int] = (224, 224), is_train: bool = True) -> T.Compose:
