@@ -28,7 +28,8 @@ def _captions(n=60, seed=0):
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     english, chinese = _captions()
-    folder = train_sentencepiece(english + chinese, tmp_path_factory.mktemp("spm"), vocab_size=400)
+    cleaned = [clean_caption_tbps(c) for c in english + chinese]  # trained on the text it will encode
+    folder = train_sentencepiece(cleaned, tmp_path_factory.mktemp("spm"), vocab_size=400)
     return folder, load_hf_tokenizer("xlmr", folder, clean=clean_caption_tbps), english, chinese
 
 
@@ -47,6 +48,17 @@ def test_round_trips_english_and_chinese_without_unknown_words(trained):
         # cleaned as the English ones (T恤 -> t恤); NFKC turns full-width commas into ','
         assert tok.decode(ids) == unicodedata.normalize("NFKC", clean_caption_tbps(caption))
     assert tok.encode("一名穿着红色上衣的男子")[-1] != unk  # Chinese characters are pieces, not <unk>
+
+
+def test_english_words_and_chinese_characters_are_pieces(trained):
+    _, tok, english, chinese = trained
+    words = sum(len(clean_caption_tbps(c).split()) for c in english)
+    pieces = sum(len(tok.encode(c)) for c in english)
+    assert pieces < 1.15 * words  # "short-sleeved" is 3 pieces, almost every other word one
+    for caption in chinese[:10]:
+        text = unicodedata.normalize("NFKC", clean_caption_tbps(caption))
+        tokens = tok.hf.convert_ids_to_tokens(tok.encode(caption))
+        assert tokens[0] == "\u2581" + text[0] and tokens[1:] == list(text[1:])
 
 
 def test_special_ids_are_xlmr_layout(trained):
