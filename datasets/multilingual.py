@@ -128,7 +128,8 @@ def _check_parallel(path_a: str, entries_a: list[dict[str, Any]], path_b: str, e
     problem = None
     for index, (a, b) in enumerate(zip(entries_a, entries_b)):
         if a["file_path"] != b["file_path"]:
-            problem = f"entry {index} has file_path '{a['file_path']}' in the first and '{b['file_path']}' in the second"
+            problem = (f"entry {index} has file_path '{a['file_path']}' in the first and '{b['file_path']}' "
+                       "in the second")
         elif int(a["id"]) != int(b["id"]):
             problem = f"entry {index} has id {a['id']} in the first and {b['id']} in the second"
         elif len(a["captions"]) != len(b["captions"]):

@@ -629,7 +629,8 @@ def write_synthetic(
     blocks = [("train", num_train), ("val", num_val), ("test", num_test)]
 
     entries = []
-    parallel: dict[str, dict[str, list]] = {split: {lang: [] for lang in languages or ()} for split in ("train", "test")}
+    parallel: dict[str, dict[str, list]] = {split: {lang: [] for lang in languages or ()}
+                                             for split in ("train", "test")}
     person = 0
     for split, count in blocks:
         for upper, lower in _colour_pairs(pair_rng, count, unique=split != "train"):
@@ -651,7 +652,7 @@ def write_synthetic(
                     entry["processed_tokens"] = [processed_tokens(c) for c in captions]
                 entries.append(entry)
                 if languages and split in parallel:
-                    for lang, texts in _captions_in(languages or (), captions, identity, pose.walking,
+                    for lang, texts in _captions_in(languages, captions, identity, pose.walking,
                                                     np.random.default_rng([seed, dataset_index, 3, person, k])):
                         parallel[split][lang].append({"file_path": rel, "id": file_id, "captions": texts})
             person += 1

@@ -62,12 +62,14 @@ def test_parallel_files_load_with_matching_counts(tmp_path):
     ]
     assert [s[0] for s in ds.train] == [0, 0, 0, 0, 1, 1, 2, 2]
     assert ds.test["image_pids"] == [7, 8] and ds.test["caption_pids"] == [7, 7, 8, 8]
-    assert ds.test["captions_by_lang"] == {"en": ["en i", "en j", "en k", "en l"], "ch": ["ch i", "ch j", "ch k", "ch l"]}
+    assert ds.test["captions_by_lang"] == {"en": ["en i", "en j", "en k", "en l"],
+                                           "ch": ["ch i", "ch j", "ch k", "ch l"]}
     assert ds.split("test", "ch") == {"image_pids": [7, 8], "img_paths": ds.test["img_paths"],
                                       "caption_pids": [7, 7, 8, 8], "captions": ["ch i", "ch j", "ch k", "ch l"]}
     assert ds.train_in("ch")[1] == (0, 0, os.path.join(img, "p000.jpg"), "ch b")
     table = ds.statistics_table()
-    assert re.search(r"train\s*\|\s*3\s*\|\s*4\s*\|\s*8", table) and re.search(r"test\s*\|\s*2\s*\|\s*2\s*\|\s*4", table)
+    assert re.search(r"train\s*\|\s*3\s*\|\s*4\s*\|\s*8", table)
+    assert re.search(r"test\s*\|\s*2\s*\|\s*2\s*\|\s*4", table)
     one = build_multilingual_dataset("DS", tmp_path, ["ch"], verbose=False)  # a plain single-language run
     assert one.train_in("ch") == ds.train_in("ch") and one.split("test", "ch") == ds.split("test", "ch")
     assert available_languages(str(tmp_path / "DS" / "annos")) == ("ch", "en")
@@ -79,7 +81,8 @@ def test_hold_out_is_the_same_in_every_language(tmp_path):
     assert ds.num_classes == 2 and [s[0] for s in ds.train] == [0, 0, 0, 0, 1, 1]  # ids 1, 3 renumbered 0, 1
     assert ds.train[-1][3] == {"en": "en h", "ch": "ch h"}
     assert ds.val["image_pids"] == [2] and ds.val_id_container == {2}
-    assert ds.split("val", "en")["captions"] == ["en e", "en f"] and ds.split("val", "ch")["captions"] == ["ch e", "ch f"]
+    assert ds.split("val", "en")["captions"] == ["en e", "en f"]
+    assert ds.split("val", "ch")["captions"] == ["ch e", "ch f"]
     with pytest.raises(UserError, match=r"Held-out identities \[9\] are not training ids"):
         build_multilingual_dataset("DS", tmp_path, ["en"], held_out_ids=[9], verbose=False)
 
@@ -121,7 +124,8 @@ def test_missing_language_file_and_other_bad_input(tmp_path):
     with pytest.raises(UserError, match=r"Missing annotation file\(s\) '.*test_reid_ch\.json' \(languages with files "
                                         r"there: ch, en\).*Chinese is 'ch'"):
         build_multilingual_dataset("DS", tmp_path, ["en", "ch"], verbose=False)
-    with pytest.raises(UserError, match=r"Missing annotation file\(s\) '.*train_reid_zh\.json', '.*test_reid_zh\.json'"):
+    with pytest.raises(UserError, match=r"Missing annotation file\(s\) '.*train_reid_zh\.json', "
+                                        r"'.*test_reid_zh\.json'"):
         build_multilingual_dataset("DS", tmp_path, ["zh"], verbose=False)
     with pytest.raises(UserError, match="must contain a 'Other' folder"):
         build_multilingual_dataset("Other", tmp_path, ["en"], verbose=False)

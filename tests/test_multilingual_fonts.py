@@ -38,7 +38,8 @@ def test_without_a_cjk_font_warns_once_and_falls_back(monkeypatch, caplog):
 
 
 def test_preferred_family_wins_and_glyphs_are_checked(monkeypatch):
-    monkeypatch.setattr(fonts, "_matplotlib_fonts", lambda: [("Some Hei", "/f/hei.ttf"), ("Noto Sans CJK JP", "/f/jp.otf")])
+    known = [("Some Hei", "/f/hei.ttf"), ("Noto Sans CJK JP", "/f/jp.otf")]
+    monkeypatch.setattr(fonts, "_matplotlib_fonts", lambda: known)
     monkeypatch.setattr(fonts, "_fontconfig_fonts", lambda: [("Noto Sans CJK SC", "/f/sc-broken.otf")])
     monkeypatch.setattr(fonts, "covers_cjk", lambda path: "broken" not in path)
     assert fonts.find_cjk_font() == fonts.CjkFont("Noto Sans CJK JP", "/f/jp.otf")  # SC has no glyphs: skipped

@@ -316,8 +316,9 @@ def train_sentencepiece(captions: Sequence[str], folder: str | os.PathLike, voca
             )
     except RuntimeError as err:
         os.remove(partial)
+        first_line = str(err).splitlines()[0]
         raise UserError(f"cannot train a SentencePiece tokenizer with vocab_size {vocab_size} on {len(texts)} "
-                        f"captions; it needs one id per distinct character plus 3 ({str(err).splitlines()[0]})") from None
+                        f"captions; it needs one id per distinct character plus 3 ({first_line})") from None
     finally:
         os.remove(seeds)
     model = sentencepiece_model_pb2.ModelProto()
