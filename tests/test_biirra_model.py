@@ -6,6 +6,7 @@ from dataclasses import replace
 
 import pytest
 import torch
+from transformers import XLMRobertaConfig, XLMRobertaModel
 
 from model import biirra as B
 from model import biirra_objectives as objectives
@@ -91,6 +92,21 @@ def test_fusion_is_not_causal_and_respects_the_key_masks():
         assert not torch.allclose(fusion(queries, query_mask, seen, context_mask), out)
 
 
+def test_transformers_cross_attention_stack_is_causal_which_is_why_fusion_builds_its_own():
+    # transformers 5 only builds cross-attention layers with is_decoder=True, and then masks self-attention
+    # causally: a later token cannot change an earlier token's output. The fusion encoder must not behave so.
+    torch.manual_seed(0)
+    config = XLMRobertaConfig(vocab_size=20, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                              intermediate_size=64, is_decoder=True, add_cross_attention=True)
+    decoder = XLMRobertaModel(config, add_pooling_layer=False).eval()
+    ids, later = torch.tensor([[0, 5, 6, 7, 2]]), torch.tensor([[0, 5, 6, 9, 2]])
+    context = torch.randn(1, 4, 32)
+    with torch.no_grad():
+        first = decoder(input_ids=ids, encoder_hidden_states=context).last_hidden_state
+        second = decoder(input_ids=later, encoder_hidden_states=context).last_hidden_state
+    torch.testing.assert_close(first[:, :3], second[:, :3])
+
+
 # ---------------------------------------------------------------- training forward
 def test_forward_outputs_losses_and_every_parameter_learns():
     model = tiny_model()
@@ -108,6 +124,14 @@ def test_forward_outputs_losses_and_every_parameter_learns():
     total.backward()
     # Every parameter takes part in every step (DistributedDataParallel without unused-parameter search).
     assert [n for n, p in model.named_parameters() if p.grad is None] == []
+
+
+def test_forward_runs_under_autocast():
+    model = tiny_model()
+    batch = tiny_batch(model.config)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        losses = B.BiIrraCriterion()(train_forward(model, batch), batch)
+    assert all(torch.isfinite(v) and v.dtype == torch.float32 for k, v in losses.items() if k.endswith("_loss"))
 
 
 def test_criterion_weighs_the_objectives():
