@@ -19,8 +19,8 @@ Architecture (the CCLM-X2VLM base layout its weights come from):
 The model's :meth:`BiIRRA.forward` returns named outputs (:data:`OUTPUT_KEYS`); :class:`BiIrraCriterion` turns
 them into ``itc_loss``, ``aitm_loss``, ``mlm_loss`` and ``dmim_loss`` with the weights 1, 4, 1, 4.
 
-Training batch (keys built by :func:`caption_key` and friends; ``<lang>`` is a language code such as ``en`` or
-``ch``; the source language comes first in ``--languages``):
+Training batch (keys ``keyed(CAPTION_IDS, lang)`` etc., listed by :func:`batch_keys`; ``<lang>`` is a language
+code such as ``en`` or ``ch``; the source language comes first in ``--languages``):
 
 ====================================  ======================  =============================================
 key                                   shape / dtype           meaning
@@ -68,62 +68,36 @@ IMAGE_MASK = "image_mask"
 PIDS = "pids"
 
 
-def caption_key(language: str) -> str:
-    """``caption_ids_<language>``: LongTensor [B, L], the tokenised caption."""
-    return f"caption_ids_{language}"
+CAPTION_IDS = "caption_ids"  # + _<lang>: LongTensor [B, L], the tokenised caption
+ATTENTION_MASK = "attention_mask"  # + _<lang>: [B, L], 1 where the caption has a real token
+MLM_IDS = "mlm_ids"  # + _<lang>: LongTensor [B, L], the caption after MLM corruption
+MLM_LABELS = "mlm_labels"  # + _<lang>: LongTensor [B, L], the original id where masked, the pad id elsewhere
+LANGUAGE_ENTRIES = (CAPTION_IDS, ATTENTION_MASK, MLM_IDS, MLM_LABELS)
 
 
-def attention_key(language: str) -> str:
-    """``attention_mask_<language>``: [B, L], 1 where the caption has a real token."""
-    return f"attention_mask_{language}"
-
-
-def mlm_ids_key(language: str) -> str:
-    """``mlm_ids_<language>``: LongTensor [B, L], the caption after MLM corruption."""
-    return f"mlm_ids_{language}"
-
-
-def mlm_labels_key(language: str) -> str:
-    """``mlm_labels_<language>``: LongTensor [B, L], the original id at masked positions, the pad id elsewhere."""
-    return f"mlm_labels_{language}"
+def keyed(name: str, suffix: str) -> str:
+    """``<name>_<suffix>``: a per-language batch key (suffix = language code, e.g. ``caption_ids_en``) or a
+    per-branch output key (suffix = ``src``/``tgt``, e.g. ``itm_logits_tgt``)."""
+    return f"{name}_{suffix}"
 
 
 def batch_keys(languages: Sequence[str]) -> tuple[str, ...]:
     """Every key a Bi-IRRA training batch must hold for ``languages`` (source, target)."""
-    per_language = [f(lang) for lang in languages for f in (caption_key, attention_key, mlm_ids_key, mlm_labels_key)]
-    return (IMAGES, IMAGE_MASK, PIDS, *per_language)
+    return (IMAGES, IMAGE_MASK, PIDS, *(keyed(name, lang) for lang in languages for name in LANGUAGE_ENTRIES))
 
 
-# -- model output keys: ``src`` / ``tgt`` name the language branch ----------------------------------------------
+# -- model outputs: ``src`` / ``tgt`` name the language branch --------------------------------------------------
 ROLES = ("src", "tgt")
 OUT_IMAGE_FEATS = "image_feats"  # [B, E] L2-normalised global feature of the clean image
 OUT_TEMPERATURE = "temperature"  # scalar, the clamped learnable temperature
-
-
-def text_feats_key(role: str) -> str:
-    """``text_feats_<role>`` [B, E]: L2-normalised global text feature."""
-    return f"text_feats_{role}"
-
-
-def itm_logits_key(role: str) -> str:
-    """``itm_logits_<role>`` [3B, 2]: matching logits of B positives then 2B hard negatives."""
-    return f"itm_logits_{role}"
-
-
-def mlm_logits_key(role: str) -> str:
-    """``mlm_logits_<role>`` [M, V]: language-model scores at the M masked positions."""
-    return f"mlm_logits_{role}"
-
-
-def mlm_targets_key(role: str) -> str:
-    """``mlm_targets_<role>`` [M]: the original ids at those positions."""
-    return f"mlm_targets_{role}"
-
-
 OUT_DMIM_STUDENT = "dmim_student"  # [B, 1 + N, D] D-MIM head on fusion(masked image, target text)
 OUT_DMIM_TEACHER = "dmim_teacher"  # [B, 1 + N, D] fusion(image, source text), no gradient
-OUTPUT_KEYS = (OUT_IMAGE_FEATS, OUT_TEMPERATURE, *(f(r) for r in ROLES for f in (
-    text_feats_key, itm_logits_key, mlm_logits_key, mlm_targets_key)), OUT_DMIM_STUDENT, OUT_DMIM_TEACHER)
+TEXT_FEATS = "text_feats"  # + _<role>: [B, E] L2-normalised global text feature
+ITM_LOGITS = "itm_logits"  # + _<role>: [3B, 2] matching logits of B positives then 2B hard negatives
+MLM_LOGITS = "mlm_logits"  # + _<role>: [M, V] language-model scores at the M masked positions
+MLM_TARGETS = "mlm_targets"  # + _<role>: [M] the original ids at those positions
+OUTPUT_KEYS = (OUT_IMAGE_FEATS, OUT_TEMPERATURE, OUT_DMIM_STUDENT, OUT_DMIM_TEACHER,
+               *(keyed(name, role) for role in ROLES for name in (TEXT_FEATS, ITM_LOGITS, MLM_LOGITS, MLM_TARGETS)))
 
 
 # -- configuration --------------------------------------------------------------------------------------------
@@ -365,7 +339,7 @@ class BiIRRA(nn.Module):
 
     Args:
         config: the sizes (see :data:`ARCHITECTURES`).
-        languages: (source, target) language codes; the batch keys of :func:`caption_key` etc. use them.
+        languages: (source, target) language codes; the batch keys (:func:`batch_keys`) use them.
 
     Module names: ``vision_encoder`` (``.beit`` = timm BEiT-v2, ``.mask_token``), ``text_encoder`` (``.roberta``,
     ``.lm_head``), ``fusion`` (``.layer.<i>``), ``vision_proj``, ``text_proj``, ``text_proj_target``, ``temp``,
@@ -472,9 +446,9 @@ class BiIRRA(nn.Module):
     def _masked_lm(self, batch: Mapping[str, torch.Tensor], language: str,
                    image_tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The masked caption attends to the image; returns (scores [M, V], original ids [M]) at masked positions."""
-        mask = batch[attention_key(language)]
-        fused = self.fusion(self.text_tokens(batch[mlm_ids_key(language)], mask), mask, image_tokens, None)
-        labels = batch[mlm_labels_key(language)]
+        mask = batch[keyed(ATTENTION_MASK, language)]
+        fused = self.fusion(self.text_tokens(batch[keyed(MLM_IDS, language)], mask), mask, image_tokens, None)
+        labels = batch[keyed(MLM_LABELS, language)]
         chosen = labels != self.pad_id
         return self.text_encoder.lm_head(fused[chosen]).float(), labels[chosen]
 
@@ -500,14 +474,14 @@ class BiIRRA(nn.Module):
         text = {}
         for role, language, image_tokens, image_feats in (("src", self.languages[0], clean_tokens, clean_feats),
                                                           ("tgt", self.languages[1], masked_tokens, masked_feats)):
-            mask = batch[attention_key(language)]
-            tokens = self.text_tokens(batch[caption_key(language)], mask)
+            mask = batch[keyed(ATTENTION_MASK, language)]
+            tokens = self.text_tokens(batch[keyed(CAPTION_IDS, language)], mask)
             feats = self.project_text(tokens[:, 0], role)
             text[role] = (tokens, mask)
-            out[text_feats_key(role)] = feats
-            out[itm_logits_key(role)] = self._hard_negative_logits(image_tokens, image_feats, tokens, mask, feats,
+            out[keyed(TEXT_FEATS, role)] = feats
+            out[keyed(ITM_LOGITS, role)] = self._hard_negative_logits(image_tokens, image_feats, tokens, mask, feats,
                                                                    pids, temperature)
-            out[mlm_logits_key(role)], out[mlm_targets_key(role)] = self._masked_lm(batch, language, clean_tokens)
+            out[keyed(MLM_LOGITS, role)], out[keyed(MLM_TARGETS, role)] = self._masked_lm(batch, language, clean_tokens)
         with torch.no_grad():
             src_tokens, src_mask = text["src"]
             out[OUT_DMIM_TEACHER] = self.fusion(clean_tokens.detach(), None, src_tokens.detach(), src_mask)
@@ -541,24 +515,27 @@ class BiIrraCriterion(nn.Module):
             raise UserError(f"Bi-IRRA loss weights must be ≥ 0, got {weights}")
         self.weights = weights
 
-    def forward(self, outputs: Mapping[str, torch.Tensor], batch: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    def forward(self, outputs: Mapping[str, torch.Tensor],
+                batch: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         w = self.weights
         temperature = outputs[OUT_TEMPERATURE]
+        text_feats, itm_logits, mlm_logits, mlm_targets = (
+            [outputs[keyed(name, role)] for role in ROLES]
+            for name in (TEXT_FEATS, ITM_LOGITS, MLM_LOGITS, MLM_TARGETS))
         with torch.autocast(device_type=temperature.device.type, enabled=False):
             # ITC sees the global batch: features of every process gathered, gradients flow back to their owners.
             all_images = all_gather_with_grad(outputs[OUT_IMAGE_FEATS])
             all_pids = all_gather_no_grad(batch[PIDS])
-            itc = [objectives.compute_itc_pid(all_images, all_gather_with_grad(outputs[text_feats_key(role)]),
-                                              all_pids, temperature.float()) for role in ROLES]
-            itm_logits = [outputs[itm_logits_key(role)] for role in ROLES]
+            itc = [objectives.compute_itc_pid(all_images, all_gather_with_grad(feats), all_pids, temperature.float())
+                   for feats in text_feats]
             aitm = [objectives.compute_itm(logits) for logits in itm_logits]
-            mlm = [objectives.compute_masked_lm(outputs[mlm_logits_key(r)], outputs[mlm_targets_key(r)]) for r in ROLES]
+            mlm = [objectives.compute_masked_lm(logits, targets) for logits, targets in zip(mlm_logits, mlm_targets)]
             dmim = objectives.compute_dmim(outputs[OUT_DMIM_STUDENT], outputs[OUT_DMIM_TEACHER])
         with torch.no_grad():
             itm_hits = torch.cat([(logits.argmax(dim=1) == objectives.itm_labels(logits.shape[0] // 3, logits.device))
                                   for logits in itm_logits]).float()
-            mlm_hits = torch.cat([(outputs[mlm_logits_key(r)].argmax(dim=1) == outputs[mlm_targets_key(r)])
-                                  for r in ROLES]).float()
+            mlm_hits = torch.cat([logits.argmax(dim=1) == targets
+                                  for logits, targets in zip(mlm_logits, mlm_targets)]).float()
         return {
             "itc_loss": (itc[0] + itc[1]) / 2 * w.itc,
             "aitm_loss": (aitm[0] + aitm[1]) / 2 * w.aitm,

@@ -53,8 +53,8 @@ def tiny_batch(config: B.BiIrraConfig, pids=(0, 0, 1, 2), length: int = 10, seed
         real = ids != PAD
         chosen = (torch.rand(ids.shape, generator=g) < 0.4) & real & (ids != BOS) & (ids != EOS)
         chosen[:, 1] = True  # at least one masked token per caption
-        batch[B.caption_key(language)] = ids
-        batch[B.attention_key(language)] = real.long()
-        batch[B.mlm_ids_key(language)] = ids.masked_fill(chosen, MASK)
-        batch[B.mlm_labels_key(language)] = ids.masked_fill(~chosen, PAD)
+        batch[B.keyed(B.CAPTION_IDS, language)] = ids
+        batch[B.keyed(B.ATTENTION_MASK, language)] = real.long()
+        batch[B.keyed(B.MLM_IDS, language)] = ids.masked_fill(chosen, MASK)
+        batch[B.keyed(B.MLM_LABELS, language)] = ids.masked_fill(~chosen, PAD)
     return batch

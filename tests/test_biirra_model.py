@@ -55,7 +55,7 @@ def test_target_projection_starts_as_a_copy_and_is_used_for_the_target_language(
     model = tiny_model().eval()
     torch.testing.assert_close(model.text_proj_target.weight, model.text_proj.weight)
     assert model.text_proj_target.weight is not model.text_proj.weight
-    ids = tiny_batch(model.config)[B.caption_key("en")]
+    ids = tiny_batch(model.config)[B.keyed(B.CAPTION_IDS, "en")]
     before = {lang: model.encode_text(ids, language=lang) for lang in ("en", "ch")}
     torch.testing.assert_close(before["en"], before["ch"])
     with torch.no_grad():
@@ -113,11 +113,11 @@ def test_forward_outputs_losses_and_every_parameter_learns():
     batch = tiny_batch(model.config)
     out = train_forward(model, batch)
     assert set(out) == set(B.OUTPUT_KEYS)
-    assert out[B.itm_logits_key("src")].shape == (12, 2)
+    assert out[B.keyed(B.ITM_LOGITS, "src")].shape == (12, 2)
     assert out[B.OUT_DMIM_STUDENT].shape == out[B.OUT_DMIM_TEACHER].shape == (4, 17, 32)
-    masked = int((batch[B.mlm_labels_key("en")] != PAD).sum())
-    assert out[B.mlm_logits_key("src")].shape == (masked, VOCAB)
-    assert torch.equal(out[B.mlm_targets_key("src")], batch[B.caption_key("en")][batch[B.mlm_labels_key("en")] != PAD])
+    masked = batch[B.keyed(B.MLM_LABELS, "en")] != PAD
+    assert out[B.keyed(B.MLM_LOGITS, "src")].shape == (int(masked.sum()), VOCAB)
+    assert torch.equal(out[B.keyed(B.MLM_TARGETS, "src")], batch[B.keyed(B.CAPTION_IDS, "en")][masked])
     losses = B.BiIrraCriterion()(out, batch)
     total = sum(v for k, v in losses.items() if k.endswith("_loss"))
     assert torch.isfinite(total)
@@ -140,9 +140,10 @@ def test_criterion_weighs_the_objectives():
     out = train_forward(model, batch)
     got = B.BiIrraCriterion(B.BiIrraLossWeights(itc=2.0, aitm=4.0, mlm=0.5, dmim=3.0))(out, batch)
     tau, pids = out[B.OUT_TEMPERATURE], batch[B.PIDS]
-    itc = [objectives.compute_itc_pid(out[B.OUT_IMAGE_FEATS], out[B.text_feats_key(r)], pids, tau) for r in B.ROLES]
-    itm = [objectives.compute_itm(out[B.itm_logits_key(r)]) for r in B.ROLES]
-    mlm = [objectives.compute_masked_lm(out[B.mlm_logits_key(r)], out[B.mlm_targets_key(r)]) for r in B.ROLES]
+    image = out[B.OUT_IMAGE_FEATS]
+    itc = [objectives.compute_itc_pid(image, out[B.keyed(B.TEXT_FEATS, r)], pids, tau) for r in B.ROLES]
+    itm = [objectives.compute_itm(out[B.keyed(B.ITM_LOGITS, r)]) for r in B.ROLES]
+    mlm = [objectives.compute_masked_lm(out[B.keyed(B.MLM_LOGITS, r)], out[B.keyed(B.MLM_TARGETS, r)]) for r in B.ROLES]
     dmim = objectives.compute_dmim(out[B.OUT_DMIM_STUDENT], out[B.OUT_DMIM_TEACHER])
     torch.testing.assert_close(got["itc_loss"], (itc[0] + itc[1]) / 2 * 2.0)
     torch.testing.assert_close(got["aitm_loss"], (itm[0] + itm[1]) / 2 * 4.0)
@@ -176,20 +177,21 @@ def test_target_branch_sees_the_masked_image_and_the_source_branch_does_not():
     other = dict(batch, **{B.IMAGE_MASK: ~batch[B.IMAGE_MASK]})
     with torch.no_grad():
         first, second = train_forward(model, batch), train_forward(model, other)
-        for key in (B.itm_logits_key("src"), B.OUT_DMIM_TEACHER, B.mlm_logits_key("src"), B.mlm_logits_key("tgt"),
-                    B.OUT_IMAGE_FEATS):
+        unchanged = [B.keyed(B.ITM_LOGITS, "src"), B.keyed(B.MLM_LOGITS, "src"), B.keyed(B.MLM_LOGITS, "tgt"),
+                     B.OUT_DMIM_TEACHER, B.OUT_IMAGE_FEATS]
+        for key in unchanged:
             torch.testing.assert_close(first[key], second[key])
-        for key in (B.itm_logits_key("tgt"), B.OUT_DMIM_STUDENT):
+        for key in (B.keyed(B.ITM_LOGITS, "tgt"), B.OUT_DMIM_STUDENT):
             assert not torch.allclose(first[key], second[key])
         # The student is exactly the D-MIM head on fusion(masked image, target caption).
         masked = model.image_tokens(batch[B.IMAGES], batch[B.IMAGE_MASK])
-        tgt = B.caption_key("ch"), B.attention_key("ch")
+        tgt = B.keyed(B.CAPTION_IDS, "ch"), B.keyed(B.ATTENTION_MASK, "ch")
         text = model.text_tokens(batch[tgt[0]], batch[tgt[1]])
         student = model.dmim_head(model.fusion(masked, None, text, batch[tgt[1]]))
         torch.testing.assert_close(first[B.OUT_DMIM_STUDENT], student)
         # The positive pairs of the target branch fuse the target caption with the masked image.
         positives = model.match_logits(text, batch[tgt[1]], masked)
-        torch.testing.assert_close(first[B.itm_logits_key("tgt")][:4], positives)
+        torch.testing.assert_close(first[B.keyed(B.ITM_LOGITS, "tgt")][:4], positives)
 
 
 def test_teacher_gets_no_gradient():
@@ -217,7 +219,7 @@ def test_temperature_is_clamped_at_each_forward():
 def test_missing_batch_keys_and_bad_configs_are_user_errors():
     model = tiny_model()
     batch = tiny_batch(model.config)
-    del batch[B.mlm_ids_key("ch")]
+    del batch[B.keyed(B.MLM_IDS, "ch")]
     with pytest.raises(UserError, match="mlm_ids_ch"):
         model(batch)
     with pytest.raises(UserError, match="exactly two different languages"):

@@ -6,21 +6,11 @@ import pytest
 import torch
 
 from model import biirra_objectives as obj
+from tests.test_objectives import softmax, unit
 from utils.errors import UserError
 
 
 # ---------------------------------------------------------------- loop references
-def unit(row):
-    norm = math.sqrt(sum(v * v for v in row))
-    return [v / norm for v in row]
-
-
-def softmax(row):
-    top = max(row)
-    exps = [math.exp(v - top) for v in row]
-    return [v / sum(exps) for v in exps]
-
-
 def cos_matrix(a, b):
     a, b = [unit(r) for r in a.tolist()], [unit(r) for r in b.tolist()]
     return [[sum(x * y for x, y in zip(ra, rb)) for rb in b] for ra in a]

@@ -28,8 +28,9 @@ class CclmSource(nn.Module):
             "beitv2_base_patch16_224", pretrained=False, num_classes=0, img_size=vision.img_size,
             patch_size=vision.patch_size, embed_dim=vision.width, depth=vision.layers, num_heads=vision.heads)
         self.text_encoder = XLMRobertaModel(text.hf_config(), add_pooling_layer=False)
-        cross = BertConfig(hidden_size=text.width, num_attention_heads=fusion.heads, intermediate_size=fusion.intermediate,
-                           layer_norm_eps=fusion.layer_norm_eps, is_decoder=True, add_cross_attention=True)
+        cross = BertConfig(hidden_size=text.width, num_attention_heads=fusion.heads,
+                           intermediate_size=fusion.intermediate, layer_norm_eps=fusion.layer_norm_eps,
+                           is_decoder=True, add_cross_attention=True)
         cross._attn_implementation = "eager"
         self.cross_layers = nn.ModuleList([BertLayer(cross) for _ in range(fusion.layers)])
         self.vision_proj = nn.Linear(text.width, config.embed_dim)
@@ -96,7 +97,7 @@ def test_cclm_checkpoint_maps_tensor_by_tensor_and_computes_as_its_source(setup,
     assert model.temp.item() == pytest.approx(source.temp.item())
 
     batch = tiny_batch(config)
-    ids, mask = batch[B.caption_key("en")], batch[B.attention_key("en")].bool()
+    ids, mask = batch[B.keyed(B.CAPTION_IDS, "en")], batch[B.keyed(B.ATTENTION_MASK, "en")].bool()
     with torch.no_grad():
         image = source.image_tokens(batch[B.IMAGES])
         torch.testing.assert_close(model.image_tokens(batch[B.IMAGES]), image)
@@ -151,7 +152,7 @@ def test_xlmr_folder_loads_encoder_and_language_model_head(setup, tmp_path):
     for key, value in source.state_dict().items():
         assert torch.equal(own[key], value), key
     batch = tiny_batch(config)
-    ids, mask = batch[B.mlm_ids_key("en")], batch[B.attention_key("en")]
+    ids, mask = batch[B.keyed(B.MLM_IDS, "en")], batch[B.keyed(B.ATTENTION_MASK, "en")]
     with torch.no_grad():
         torch.testing.assert_close(model.text_encoder(input_ids=ids, attention_mask=mask).logits,
                                    source(input_ids=ids, attention_mask=mask).logits)
