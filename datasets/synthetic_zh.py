@@ -9,12 +9,9 @@ separated by spaces.
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Sequence
+from typing import Sequence
 
 import numpy as np
-
-if TYPE_CHECKING:  # only for the annotation: datasets.synthetic imports this module
-    from datasets.synthetic import Identity
 
 COLOURS_ZH: dict[str, tuple[str, ...]] = {
     "red": ("红色",),
@@ -67,8 +64,9 @@ def _coloured(rng: np.random.Generator, colour: str, noun: str, table: dict[str,
     return f"{_pick(rng, table[colour])}{'的' if rng.random() < 0.4 else ''}{noun}"
 
 
-def describe_zh(identity: "Identity", rng: np.random.Generator, walking: bool) -> str:
-    """One Chinese caption of ``identity`` (``walking``: the drawn pose has a long stride)."""
+def describe_zh(identity, rng: np.random.Generator, walking: bool) -> str:
+    """One Chinese caption of ``identity`` (a :class:`datasets.synthetic.Identity`; ``walking``: the drawn pose has a
+    long stride)."""
     who = identity
     he = "他" if who.gender == "male" else "她"
     build = _pick(rng, _BUILDS[who.build]) if rng.random() < 0.55 else ""

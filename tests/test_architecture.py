@@ -70,7 +70,7 @@ def imports_of(path: str, modules: dict[str, str]):
             continue
         if id(node) in deferred_nodes:
             line = node.lineno - 1
-            while line > 0 and lines[line - 1].strip().startswith(("import ", "from ")) and "#" not in lines[line]:
+            while line > 0 and lines[line - 1].strip().startswith(("import ", "from ", "try:")) and "#" not in lines[line]:
                 line -= 1  # a comment above a group of imports explains them all
             commented = "#" in lines[line] or (line > 0 and lines[line - 1].strip().startswith("#"))
             deferred.append((node.lineno, node.module if isinstance(node, ast.ImportFrom) else node.names[0].name,

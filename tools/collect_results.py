@@ -50,7 +50,7 @@ if __package__ in (None, ""):  # run as `python tools/collect_results.py`: make 
 from utils.entry import run_main  # noqa: E402
 from utils.errors import UserError  # noqa: E402
 from utils.iotools import CONFIG_NAME, read_yaml  # noqa: E402
-from utils.visualization import check_picture_path  # noqa: E402
+from processor.visualization import check_picture_path  # noqa: E402
 
 RESULTS_NAME = "results.json"
 RESULTS_FORMAT = 1
@@ -565,6 +565,7 @@ def _plot_metric(ax, row: Row, metric: str) -> None:
 def plot_spread(rows: Sequence[Row], out_path: str) -> tuple[int, int]:
     """One line of panels per table row, one panel per metric with its own scale: each run's value (dots, with its
     seed), the mean ± std (black bar) and the published number (red dashed line); returns the size in pixels."""
+    # matplotlib takes about a second to import: tables without --plot do not pay for it.
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
     from matplotlib.lines import Line2D
