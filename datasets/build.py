@@ -131,8 +131,10 @@ def _check_data_options(args: argparse.Namespace) -> None:
     if any(not 0.0 <= r <= 1.0 for r in rates) or args.masked_token_rate + args.masked_token_unchanged_rate > 1.0:
         raise UserError("--mlm_probability, --masked_token_rate and --masked_token_unchanged_rate must lie in [0, 1] "
                         "and masked_token_rate + masked_token_unchanged_rate must not exceed 1")
-    if args.training and args.val_dataset == "val" and not args.languages and not DATASETS[args.dataset_name].has_val:
-        raise UserError(f"{args.dataset_name} has no val split; use --val_dataset test")
+    if (args.training and args.val_dataset == "val" and not args.languages and args.holdout_share <= 0
+            and not DATASETS[args.dataset_name].has_val):
+        raise UserError(f"{args.dataset_name} has no val split and --holdout_share is 0: hold out some training "
+                        f"identities (e.g. --holdout_share 0.05) or select on the test split (--val_dataset test)")
     if args.languages and args.anno_file:
         raise UserError("--anno_file names one single-language annotation file; the multilingual layout "
                         "(--languages) reads annos/{train,test}_reid_<lang>.json instead: give one of the two")
@@ -146,13 +148,28 @@ Benchmark = Union[PedesDataset, MultilingualDataset]
 
 def load_benchmark(args: argparse.Namespace, verbose: bool = True) -> Benchmark:
     """The benchmark of ``args.dataset_name`` under ``args.root_dir``: its own annotation file (or
-    ``args.anno_file``), or with ``args.languages`` the multilingual layout in those languages."""
+    ``args.anno_file``), or with ``args.languages`` the multilingual layout in those languages.
+
+    When training selects on ``val`` and the benchmark has no val split, ``args.holdout_share`` of the training
+    identities are held out as one (the same identities in every language and every run).
+    """
+    share = 0.0
+    if getattr(args, "training", False) and getattr(args, "val_dataset", "val") == "val":
+        share = float(getattr(args, "holdout_share", 0.0))
     languages = getattr(args, "languages", "")
     if languages:
         return build_multilingual_dataset(args.dataset_name, args.root_dir, parse_languages(languages),
-                                          verbose=verbose)
+                                          holdout_share=share, verbose=verbose)
     return build_dataset(args.dataset_name, args.root_dir, verbose=verbose,
-                         anno_file=getattr(args, "anno_file", "") or None)
+                         anno_file=getattr(args, "anno_file", "") or None, holdout_share=share)
+
+
+def selection_split(args: argparse.Namespace, dataset: Benchmark) -> str:
+    """What chooses best.pth: ``val`` (the benchmark's own), ``holdout`` (held-out training identities) or
+    ``test`` (the papers' protocol)."""
+    if args.val_dataset == "test":
+        return "test"
+    return "holdout" if getattr(dataset, "held_out_ids", None) or getattr(dataset, "val_entries", None) else "val"
 
 
 def single_language_samples(dataset: Benchmark) -> list[TrainSample]:
