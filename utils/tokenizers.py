@@ -254,3 +254,40 @@ def encode_caption(text: str, tokenizer: Tokenizer, length: int, truncate: bool 
     row = torch.full((length,), special.pad, dtype=torch.long)
     row[: len(tokens)] = torch.tensor(tokens, dtype=torch.long)
     return row
+
+
+#: The special tokens of a WordPiece vocabulary built here, in id order.
+WORDPIECE_SPECIALS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
+
+
+def build_wordpiece_vocab(captions: Iterable[str], folder: str, vocab_size: int) -> str:
+    """Train an uncased BERT WordPiece vocabulary on ``captions`` and write ``folder/vocab.txt``; returns ``folder``.
+
+    Ids 0-4 are ``[PAD] [UNK] [CLS] [SEP] [MASK]``, then the characters seen and the learned pieces (at most
+    ``vocab_size`` ids in all; fewer when the captions are too few to fill it). The result loads with
+    ``load_hf_tokenizer("wordpiece", folder)``. The file is written under a temporary name and renamed, so
+    processes building the same vocabulary at once never read a half-written file.
+
+    Raises:
+        UserError: ``vocab_size`` too small for the special tokens, or no caption text.
+    """
+    if vocab_size <= len(WORDPIECE_SPECIALS):
+        raise UserError(f"a WordPiece vocabulary needs more than {len(WORDPIECE_SPECIALS)} ids, got {vocab_size}")
+    texts = [text for text in captions if text and text.strip()]
+    if not texts:
+        raise UserError("no caption text to build a WordPiece vocabulary from")
+    from tokenizers.implementations import BertWordPieceTokenizer  # heavy optional dependency (IVT only)
+
+    trainer = BertWordPieceTokenizer(lowercase=True)
+    trainer.train_from_iterator(texts, vocab_size=vocab_size, min_frequency=1, show_progress=False,
+                                special_tokens=list(WORDPIECE_SPECIALS))
+    vocab = sorted(trainer.get_vocab().items(), key=lambda item: item[1])
+    if [token for token, _ in vocab[: len(WORDPIECE_SPECIALS)]] != list(WORDPIECE_SPECIALS):
+        raise RuntimeError("the WordPiece trainer did not put the special tokens first")
+    os.makedirs(folder, exist_ok=True)
+    path = os.path.join(folder, "vocab.txt")
+    temporary = f"{path}.{os.getpid()}.tmp"
+    with open(temporary, "w", encoding="utf-8") as handle:
+        handle.writelines(f"{token}\n" for token, _ in vocab)
+    os.replace(temporary, path)
+    return folder
