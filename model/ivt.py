@@ -25,12 +25,11 @@ import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
+from typing import TYPE_CHECKING
+
 import torch
 import torch.nn.functional as F
-from timm.layers import Attention, DropPath, Mlp, trunc_normal_
 from torch import nn
-from transformers import BertConfig
-from transformers.models.bert.modeling_bert import BertEmbeddings
 
 from model import ivt_weights
 from model.ivt_weights import DOWNLOAD_HINTS
@@ -39,6 +38,12 @@ from solver.build import LrRule
 from utils.comm import all_gather_no_grad, all_gather_with_grad
 from utils.errors import UserError
 from utils.tokenizers import HuggingFaceTokenizer, build_wordpiece_vocab, load_hf_tokenizer
+
+if TYPE_CHECKING:
+    from transformers import BertConfig
+
+# timm and transformers take seconds to import (timm loads torchvision.models and torch._dynamo): they are imported
+# where an IVT network is built, so that importing this module (for its flags) costs nothing.
 
 logger = logging.getLogger(__name__)
 
@@ -105,6 +110,8 @@ class IVTConfig:
 
     def bert_config(self) -> BertConfig:
         """The ``transformers`` configuration of the text embeddings."""
+        from transformers import BertConfig  # heavy import, deferred (see the note at the top)
+
         return BertConfig(vocab_size=self.vocab_size, hidden_size=self.width,
                           max_position_embeddings=self.max_text_positions, type_vocab_size=self.type_vocab_size,
                           layer_norm_eps=self.text_eps, hidden_dropout_prob=self.text_dropout,
@@ -172,6 +179,8 @@ class IVTBlock(nn.Module):
     """
 
     def __init__(self, width: int, heads: int, mlp_ratio: float, drop_path: float, eps: float) -> None:
+        from timm.layers import Attention, DropPath, Mlp  # heavy import, deferred (see the note at the top)
+
         super().__init__()
         hidden = int(width * mlp_ratio)
         self.norm1 = nn.LayerNorm(width, eps=eps)
@@ -192,6 +201,8 @@ class IVTEncoder(nn.Module):
     """The shared image/text transformer (the released ``UVT_Bert_IMG_TXT_MASK``)."""
 
     def __init__(self, config: IVTConfig) -> None:
+        from transformers.models.bert.modeling_bert import BertEmbeddings  # heavy import, deferred (see the top)
+
         super().__init__()
         config.check()
         self.config = config
@@ -212,6 +223,8 @@ class IVTEncoder(nn.Module):
         normal (std 0.02) for the class token, position and type embeddings and every Linear (biases 0),
         N(0, 2 / (P * P * D)) for the patch convolution, BERT's N(0, 0.02) for the word, position and type
         embeddings (padding row 0), LayerNorms 1 and 0."""
+        from timm.layers import trunc_normal_  # heavy import, deferred (see the note at the top)
+
         for tensor in (self.cls_token, self.pos_embed, self.type_embed):
             trunc_normal_(tensor, std=0.02)
         for module in self.modules():

@@ -29,7 +29,6 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
-from timm.layers import resample_abs_pos_embed
 from torch import nn
 
 from utils.checkpoint import load_model_state, strip_prefix
@@ -103,6 +102,8 @@ def read_weights_file(path: str, flag: str) -> dict[str, torch.Tensor]:
 def resize_pos_embed(pos_embed: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
     """A square ViT position embedding ``[1, 1 + n * n, D]`` resampled to ``[1, 1 + rows * cols, D]``: the class
     position kept, the grid interpolated bilinearly without antialiasing (as released)."""
+    from timm.layers import resample_abs_pos_embed  # timm is slow to import: only ViT loading needs it here
+
     side = math.isqrt(pos_embed.shape[1] - 1)
     if side * side != pos_embed.shape[1] - 1:
         raise UserError(f"the ViT position embedding has {pos_embed.shape[1]} entries, not 1 + a square grid; "
@@ -127,7 +128,8 @@ def convert_bert_state_dict(state: Mapping[str, torch.Tensor]) -> dict[str, torc
     """``BertModel`` (or ``bert.``-prefixed pre-training) keys -> IVT keys; attention, output LayerNorms,
     pooler and heads are left out."""
     out = {}
-    for key, value in strip_prefix(state, "bert.").items():
+    for key, value in state.items():
+        key = key.removeprefix("bert.")  # BertForPreTraining / BertForMaskedLM files also hold "cls." heads
         if key.startswith("embeddings.") and not key.endswith(("position_ids", "token_type_ids")):
             out[PREFIX + key] = value
             continue

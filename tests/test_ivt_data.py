@@ -1,0 +1,198 @@
+"""IVT's data side: multi-level caption cutting, the attribute file, the training item, the transforms, the WordPiece
+vocabulary built from captions, and the IVT flags."""
+import argparse
+import json
+import os
+
+import pytest
+import torch
+from PIL import Image
+
+from datasets.mla import (
+    MultiLevelItem,
+    build_mla_item,
+    caption_levels,
+    comma_fragments,
+    phrase_candidates,
+    read_attribute_file,
+)
+from datasets.transforms import build_ivt_transforms
+from model.ivt import add_ivt_arguments, build_ivt_tokenizer, check_ivt_arguments
+from utils.errors import UserError
+from utils.tokenizers import build_wordpiece_vocab, encode_caption, load_hf_tokenizer
+
+CUHK = "A woman with long black hair, wearing a white shirt and blue jeans. She carries a red bag."
+LIST = "The man wears a black jacket, grey pants, and white shoes."
+CAPTIONS = [CUHK, LIST, "A man, red, tall.", "Man.", "A young girl in a pink dress walks beside a grey wall."]
+
+
+def test_phrase_candidates_follow_the_released_rule():
+    # Per sentence: the longest comma part and the remaining parts re-joined, each when longer than 5 characters.
+    assert phrase_candidates(CUHK.lower()) == [
+        "wearing a white shirt and blue jeans", "a woman with long black hair", "she carries a red bag"]
+    assert phrase_candidates(LIST.lower()) == ["the man wears a black jacket", "grey pants, and white shoes"]
+    # "a man" (5 characters) is the first longest part and too short; the rest " red, tall" is kept.
+    assert phrase_candidates("a man, red, tall.") == ["red, tall"]
+    assert phrase_candidates("man.") == []
+
+
+def test_comma_fragments_follow_the_released_rule():
+    assert comma_fragments(CUHK.lower()) == [
+        "a woman with long black hair", "wearing a white shirt and blue jeans", "she carries a red bag"]
+    assert comma_fragments(LIST.lower()) == ["the man wears a black jacket", "grey pants", "and white shoes"]
+    assert comma_fragments("a man, red, tall.") == []
+    assert comma_fragments("[a man in a coat.]") == ["a man in a coat"]
+
+
+def test_caption_levels_draw_from_the_candidates_and_fall_back_to_the_caption():
+    gen = torch.Generator().manual_seed(0)
+    phrases, words = set(), set()
+    for _ in range(60):
+        sentence, phrase, word = caption_levels(CUHK, gen)
+        assert sentence == CUHK.lower()
+        phrases.add(phrase)
+        words.add(word)
+    assert phrases == set(phrase_candidates(CUHK.lower()))
+    assert words == set(comma_fragments(CUHK.lower()))
+    # Very short captions: nothing longer than 5 characters, so the level is the whole caption.
+    assert caption_levels("Man.", gen) == ("man.", "man.", "man.")
+    assert caption_levels("A man, red, tall.", gen) == ("a man, red, tall.", "red, tall", "a man, red, tall.")
+    first = [caption_levels(LIST, torch.Generator().manual_seed(3)) for _ in range(2)]
+    assert first[0] == first[1]
+
+
+def write_attributes(path, entries):
+    path.write_text(json.dumps({"train": entries, "test": [{"captions": "ignored", "att": {"x": "y"}}]}))
+    return str(path)
+
+
+def test_attribute_words_are_random_subsets(tmp_path):
+    path = write_attributes(tmp_path / "att.json", [
+        {"file_path": "a.jpg", "id": 1, "captions": "A woman in a red coat.", "att": {"up": "red coat", "g": "woman"}},
+        {"file_path": "b.jpg", "id": 2, "captions": ["A man  walking slowly.", "A tall man, walking."],
+         "att": [{"g": "man"}, {}]},
+    ])
+    table = read_attribute_file(path)
+    assert table == {"a woman in a red coat.": ("red coat", "woman"), "a man walking slowly.": ("man",)}
+    gen = torch.Generator().manual_seed(0)
+    words = {caption_levels("A woman in a red coat.", gen, table)[2] for _ in range(80)}
+    assert words == {"red coat", "woman", "red coat,woman", "woman,red coat"}
+    assert caption_levels("A MAN walking slowly.", gen, table)[2] == "man"  # looked up case- and space-blind
+    # A caption without attributes takes a phrase, as released; so does one the file does not list.
+    assert caption_levels("A tall man, walking.", gen, table)[2] in phrase_candidates("a tall man, walking.")
+    assert caption_levels("A girl in a blue skirt.", gen, table)[2] == "a girl in a blue skirt"
+    with pytest.raises(UserError, match="no such file"):
+        read_attribute_file(str(tmp_path / "absent.json"))
+
+
+@pytest.mark.parametrize("content, message", [
+    ("{not json", "not readable JSON"),
+    (json.dumps({"val": []}), "no list of entries"),
+    (json.dumps([{"captions": "a"}]), "entry 0 is not an object with 'captions' and 'att'"),
+    (json.dumps([{"captions": "a", "att": 5}]), "neither an object of strings nor a list of strings"),
+    (json.dumps([{"captions": ["a", "b", "c"], "att": [{"x": "y"}, {"x": "z"}]}]), "3 captions but 2"),
+])
+def test_bad_attribute_files(tmp_path, content, message):
+    (tmp_path / "att.json").write_text(content)
+    with pytest.raises(UserError, match=message):
+        read_attribute_file(str(tmp_path / "att.json"))
+
+
+@pytest.fixture(scope="module")
+def vocab_folder(tmp_path_factory):
+    return build_wordpiece_vocab(CAPTIONS * 3, str(tmp_path_factory.mktemp("wordpiece")), vocab_size=120)
+
+
+def test_wordpiece_vocabulary_from_captions(vocab_folder):
+    lines = open(os.path.join(vocab_folder, "vocab.txt"), encoding="utf-8").read().splitlines()
+    assert lines[:5] == ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] and len(lines) == len(set(lines)) <= 120
+    tok = load_hf_tokenizer("wordpiece", vocab_folder)
+    special = tok.specials
+    assert (special.pad, special.unk, special.bos, special.eos, special.mask) == (0, 1, 2, 3, 4)
+    assert tok.vocab_size == len(lines) and tok.random_token_range == (5, len(lines))
+    # Real words (seen or only made of seen letters) are never the unknown token — the transformers 5 pitfall.
+    for text in CAPTIONS + ["SHIRTLESS women wearing jeans"]:
+        ids = tok.encode(text)
+        assert ids and special.unk not in ids, text
+    assert tok.decode(tok.encode(LIST)).replace(" ,", ",").replace(" .", ".") == LIST.lower()
+    row = encode_caption("A man.", tok, 8)
+    assert row[0] == special.bos and special.eos in row.tolist() and row[-1] == special.pad
+
+
+def test_wordpiece_vocabulary_bad_input(tmp_path):
+    with pytest.raises(UserError, match="more than 5 ids"):
+        build_wordpiece_vocab(CAPTIONS, str(tmp_path), vocab_size=5)
+    with pytest.raises(UserError, match="no caption text"):
+        build_wordpiece_vocab(["", "  "], str(tmp_path), vocab_size=50)
+
+
+def ivt_args(tmp_path, *argv):
+    parser = argparse.ArgumentParser()
+    add_ivt_arguments(parser.add_argument_group("ivt"))
+    args = parser.parse_args(list(argv))
+    args.img_size, args.stride_size, args.text_length, args.cache_dir = [32, 16], 8, 16, str(tmp_path / "cache")
+    return args
+
+
+def test_build_ivt_tokenizer_caches_the_caption_vocabulary(tmp_path, vocab_folder):
+    args = ivt_args(tmp_path, "--wordpiece_vocab_size", "100")
+    tok = build_ivt_tokenizer(args, CAPTIONS)
+    (folder,) = os.listdir(tmp_path / "cache")
+    vocab = tmp_path / "cache" / folder / "vocab.txt"
+    stamp = os.stat(vocab).st_mtime_ns
+    again = build_ivt_tokenizer(args, list(reversed(CAPTIONS)))  # same set of captions: same vocabulary, reused
+    assert again.fingerprint() == tok.fingerprint() and os.stat(vocab).st_mtime_ns == stamp
+    build_ivt_tokenizer(args, CAPTIONS[:2])
+    assert len(os.listdir(tmp_path / "cache")) == 2
+    given = build_ivt_tokenizer(ivt_args(tmp_path, "--tokenizer_dir", vocab_folder), [])
+    assert given.files == (os.path.join(vocab_folder, "vocab.txt"),)
+    with pytest.raises(UserError, match="needs BERT's uncased vocabulary"):
+        build_ivt_tokenizer(ivt_args(tmp_path, "--ivt_checkpoint", "x.pth"), CAPTIONS)
+    with pytest.raises(UserError, match="no training captions"):
+        build_ivt_tokenizer(args, [])
+
+
+def test_ivt_transforms():
+    image = Image.fromarray((torch.rand(50, 30, 3) * 255).byte().numpy())
+    test = build_ivt_transforms((32, 16), is_train=False)(image)
+    assert test.shape == (3, 32, 16) and -1.0 <= float(test.min()) and float(test.max()) <= 1.0
+    train = build_ivt_transforms((32, 16), is_train=True)
+    torch.manual_seed(0)
+    views = [train(image) for _ in range(4)]
+    assert all(v.shape == (3, 32, 16) for v in views)
+    assert not torch.equal(views[0], views[1])
+    with pytest.raises(UserError, match="--img_size"):
+        build_ivt_transforms((32,))
+
+
+def test_multi_level_item(tmp_path, vocab_folder):
+    tok = load_hf_tokenizer("wordpiece", vocab_folder)
+    make_item = MultiLevelItem(build_ivt_transforms((32, 16)), tok, text_length=20)
+    image = Image.fromarray((torch.rand(40, 20, 3) * 255).byte().numpy())
+    torch.manual_seed(0)
+    item = make_item(image, CUHK, 4, 9, torch.Generator().manual_seed(1))
+    assert item["pids"] == 4 and item["image_ids"] == 9
+    assert item["images"].shape == (3, 3, 32, 16) and not torch.equal(item["images"][0], item["images"][1])
+    ids = item["caption_ids"]
+    assert ids.shape == (3, 20) and bool((ids[:, 0] == tok.specials.bos).all())
+    sentence, phrase, words = caption_levels(CUHK, torch.Generator().manual_seed(1))
+    for row, text in zip(ids, (sentence, phrase, words)):
+        assert torch.equal(row, encode_caption(text, tok, 20))
+    built = build_mla_item(ivt_args(tmp_path), tok)
+    assert built.attributes is None and built.text_length == 16
+
+
+def test_check_ivt_arguments(tmp_path):
+    check_ivt_arguments(ivt_args(tmp_path))
+    for argv, message in [(["--bmm_ratio", "1"], "--bmm_ratio"), (["--drop_path", "-0.1"], "--drop_path"),
+                          (["--ivt_width", "30", "--ivt_heads", "4"], "multiple of --ivt_heads"),
+                          (["--wordpiece_vocab_size", "3"], "--wordpiece_vocab_size"),
+                          (["--vit_weights", str(tmp_path / "vit.pth")], "vit_base_patch16_224.orig_in21k_ft_in1k"),
+                          (["--bert_weights", str(tmp_path / "bert")], "bert-base-uncased"),
+                          (["--attribute_file", str(tmp_path / "a.json")], "--attribute_file")]:
+        with pytest.raises(UserError, match=message):
+            check_ivt_arguments(ivt_args(tmp_path, *argv))
+    args = ivt_args(tmp_path)
+    args.text_length = 600
+    with pytest.raises(UserError, match="512 positions"):
+        check_ivt_arguments(args)
