@@ -4,7 +4,8 @@ import math
 import pytest
 import torch
 
-from model.ivt import IVT, IVTConfig, IVTCriterion, drop_tokens, trim_padding
+from model.ivt import IVT, IVTConfig, IVTCriterion, drop_tokens, ivt_lr_rules, trim_padding
+from solver.build import make_param_groups
 from utils.checkpoint import Checkpointer
 from utils.errors import UserError
 
@@ -204,3 +205,13 @@ def test_save_load_gives_identical_features(tmp_path):
     Checkpointer(other).load(path)
     assert torch.equal(other.encode_image(images), model.encode_image(images))
     assert torch.equal(other.encode_text(ids), model.encode_text(ids))
+
+
+def test_lr_rules_give_biases_twice_the_rate():
+    groups = {g["name"]: g for g in make_param_groups(tiny_model(), lr=0.005, weight_decay=1e-4,
+                                                      weight_decay_bias=1e-4, rules=ivt_lr_rules(2.0))}
+    assert groups["encoder_vl.blocks.0.attn.qkv.bias"]["lr"] == pytest.approx(0.01)
+    assert groups["encoder_vl.embeddings.LayerNorm.bias"]["lr"] == pytest.approx(0.01)
+    assert groups["encoder_vl.blocks.1.mlp_txt.fc2.weight"]["lr"] == pytest.approx(0.005)
+    assert groups["encoder_vl.cls_token"]["lr"] == pytest.approx(0.005)
+    assert {g["weight_decay"] for g in groups.values()} == {1e-4}
