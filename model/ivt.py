@@ -24,7 +24,6 @@ import logging
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-
 from typing import TYPE_CHECKING
 
 import torch
@@ -32,12 +31,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from model import ivt_weights
-from model.ivt_weights import DOWNLOAD_HINTS
 from model.objectives import compute_cmpm
 from solver.build import LrRule
 from utils.comm import all_gather_no_grad, all_gather_with_grad
 from utils.errors import UserError
-from utils.tokenizers import HuggingFaceTokenizer, build_wordpiece_vocab, load_hf_tokenizer
+from utils.tokenizers import HuggingFaceTokenizer, Tokenizer, build_wordpiece_vocab, load_hf_tokenizer
 
 if TYPE_CHECKING:
     from transformers import BertConfig
@@ -356,7 +354,9 @@ class IVTCriterion(nn.Module):
         self.cmpm_weight = float(cmpm_weight)
         self.epsilon = float(epsilon)
 
-    def forward(self, outputs: Mapping[str, torch.Tensor], batch: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    def forward(self, outputs: Mapping[str, torch.Tensor],
+                batch: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """outputs: ``image_feats``, ``text_feats`` ``[N, D]`` and ``pids`` ``[N]`` of :meth:`IVT.forward`; batch unused."""
         image, text, pids = outputs["image_feats"], outputs["text_feats"], outputs["pids"]
         all_image, all_text = all_gather_with_grad(image), all_gather_with_grad(text)
         all_pids = all_gather_no_grad(pids)
@@ -421,12 +421,13 @@ def check_ivt_arguments(args) -> None:
                                ("--tokenizer_dir", args.tokenizer_dir, True),
                                ("--attribute_file", args.attribute_file, False)):
         if path and not (os.path.isdir(path) if is_dir else os.path.isfile(path)):
-            raise UserError(f"{flag} {path}: no such {'folder' if is_dir else 'file'}; " + DOWNLOAD_HINTS[flag])
+            kind = "folder" if is_dir else "file"
+            raise UserError(f"{flag} {path}: no such {kind}; {ivt_weights.DOWNLOAD_HINTS[flag]}")
 
 
-def _config_from_args(args, vocab_size: int, bert: BertConfig | None = None) -> IVTConfig:
+def _config_from_args(args, vocab_size: int, pad_id: int = 0, bert: BertConfig | None = None) -> IVTConfig:
     fields = dict(width=args.ivt_width, depth=args.ivt_depth, heads=args.ivt_heads, stride=args.stride_size,
-                  img_size=tuple(args.img_size), drop_path=args.drop_path, vocab_size=vocab_size)
+                  img_size=tuple(args.img_size), drop_path=args.drop_path, vocab_size=vocab_size, pad_id=pad_id)
     if bert is not None:
         fields.update(vocab_size=bert.vocab_size, max_text_positions=bert.max_position_embeddings,
                       type_vocab_size=bert.type_vocab_size, text_eps=bert.layer_norm_eps,
@@ -434,25 +435,29 @@ def _config_from_args(args, vocab_size: int, bert: BertConfig | None = None) -> 
     return IVTConfig(**fields)
 
 
-def build_ivt_model(args, num_classes: int = 0, vocab_size: int | None = None, initial_weights: bool = True) -> IVT:
+def build_ivt_model(args, num_classes: int = 0, tokenizer: Tokenizer | None = None,
+                    initial_weights: bool = True) -> IVT:
     """IVT from the argument namespace (``num_classes`` is unused: IVT has no identity classifier).
 
     Args:
-        vocab_size: the tokenizer's size (``tokenizer.vocab_size``); None = BERT's (``--bert_weights``) or 30522.
+        tokenizer: the run's tokenizer (:func:`build_ivt_tokenizer`): the text embeddings get its size and padding
+            id. None = BERT's (``--bert_weights``), else bert-base-uncased's (30522 ids, padding 0).
         initial_weights: load ``--vit_weights``, ``--bert_weights`` and ``--ivt_checkpoint`` (False when the
             weights come from a run's checkpoint afterwards, e.g. in test.py).
 
     Raises:
-        UserError: impossible sizes, a missing or mismatching weights file, or a tokenizer whose size differs
-            from BERT's vocabulary.
+        UserError: impossible sizes, a missing or mismatching weights file, or a tokenizer that is not BERT's
+            when BERT's weights are loaded.
     """
+    vocab_size, pad_id = (tokenizer.vocab_size, tokenizer.specials.pad) if tokenizer is not None else (30522, 0)
     bert = None
     if initial_weights and args.bert_weights:
         bert = ivt_weights.read_bert_folder(args.bert_weights)
-        if vocab_size is not None and vocab_size != bert.config.vocab_size:
-            raise UserError(f"the tokenizer has {vocab_size} ids but the BERT weights in {args.bert_weights} have "
-                            f"{bert.config.vocab_size}; use BERT's own vocab.txt (--tokenizer_dir {args.bert_weights}).")
-    config = _config_from_args(args, vocab_size or 30522, bert.config if bert is not None else None)
+        if tokenizer is not None and (vocab_size, pad_id) != (bert.config.vocab_size, bert.config.pad_token_id):
+            raise UserError(f"the tokenizer has {vocab_size} ids (padding {pad_id}) but the BERT weights in "
+                            f"{args.bert_weights} have {bert.config.vocab_size} (padding {bert.config.pad_token_id});"
+                            f" use BERT's own vocab.txt (--tokenizer_dir {args.bert_weights}).")
+    config = _config_from_args(args, vocab_size, pad_id, bert.config if bert is not None else None)
     model = IVT(config, bmm_ratio=args.bmm_ratio)
     if initial_weights:
         ivt_weights.load_initial_weights(model, config.grid, vit_file=args.vit_weights, bert=bert,

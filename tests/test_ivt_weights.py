@@ -24,6 +24,7 @@ from model.ivt_weights import (
     resize_pos_embed,
 )
 from utils.errors import UserError
+from utils.tokenizers import build_wordpiece_vocab, load_hf_tokenizer
 
 WIDTH, DEPTH, HEADS = 32, 2, 2
 
@@ -168,12 +169,15 @@ def test_build_ivt_model_from_weight_files(tmp_path):
     args.img_size, args.stride_size, args.text_length = (40, 24), 6, 16
     # A patch size of 8 is not a flag (IVT is ViT-B/16): build the 16-pixel version and expect the mismatch.
     with pytest.raises(UserError, match="patch_embed.proj.weight"):
-        build_ivt_model(args, vocab_size=40)
+        build_ivt_model(args)
+    other = build_wordpiece_vocab(["a man in a red coat"] * 3, str(tmp_path / "vocab"), vocab_size=30)
     with pytest.raises(UserError, match="use BERT's own vocab.txt"):
-        build_ivt_model(args, vocab_size=41)
+        build_ivt_model(args, tokenizer=load_hf_tokenizer("wordpiece", other))
     args.vit_weights = ""
     model = build_ivt_model(args)  # sizes of the text side come from BERT's config
     assert model.config.vocab_size == 40 and model.config.max_text_positions == 30
+    demo = build_ivt_model(args, tokenizer=load_hf_tokenizer("wordpiece", other), initial_weights=False)
+    assert demo.config.vocab_size == len(open(f"{other}/vocab.txt").read().split()) and demo.config.pad_id == 0
     assert torch.equal(model.encoder_vl.embeddings.word_embeddings.weight, bert.embeddings.word_embeddings.weight)
 
 
