@@ -12,8 +12,14 @@ import argparse
 import sys
 from collections.abc import Sequence
 
+import torch
+
+from datasets import build_dataloader
+from processor.processor import do_inference
+from processor.run_loading import add_run_arguments, load_run_config, load_run_model, open_run_from_cli
 from utils.entry import run_main
-from utils.run_loading import add_run_arguments, load_run_config, load_run_model, open_run_from_cli
+from utils.logger import setup_logger
+from utils.options import non_negative_int
 
 __all__ = ["load_run_config", "main", "parse_args", "run"]
 
@@ -21,26 +27,22 @@ __all__ = ["load_run_config", "main", "parse_args", "run"]
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description="Evaluate a trained run on the test split.")
     add_run_arguments(p)
-    p.add_argument("--eval_chunk_size", type=int, default=0, help="queries per evaluation chunk (0 = from memory)")
+    p.add_argument("--eval_chunk_size", type=non_negative_int, default=0,
+                   help="queries per evaluation chunk (0 = from memory)")
     p.add_argument("--i2t", action="store_true", help="also report image-to-text retrieval")
     return p.parse_args(argv)
 
 
 def run(cli: argparse.Namespace):
-    import torch
-
-    from datasets import build_dataloader
-    from processor.processor import do_inference
-    from utils.logger import setup_logger
-
     handle = open_run_from_cli(cli)
     logger = setup_logger("IRRA", save_dir=handle.run_dir, if_train=False)
     logger.info("Evaluating %s (%s) on %s, precision %s", handle.checkpoint, handle.args.dataset_name,
                 handle.device, handle.args.precision)
     model = load_run_model(handle)
-    test_img_loader, test_txt_loader, _ = build_dataloader(handle.args)
+    loaders = build_dataloader(handle.args, handle.tokenizer(), test_transform=handle.test_transform(),
+                               device=str(handle.device))
     with torch.inference_mode():
-        evaluator = do_inference(model, test_img_loader, test_txt_loader, autocast=handle.precision.autocast,
+        evaluator = do_inference(model, loaders.images, loaders.texts, autocast=handle.precision.autocast,
                                  chunk_size=cli.eval_chunk_size or None, i2t_metric=cli.i2t)
     return evaluator.last_results
 

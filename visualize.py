@@ -20,10 +20,16 @@ import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import torch
+from prettytable import PrettyTable
+
+from processor.gallery import Hit, encode_captions, hits_at, load_gallery, load_split, rank_gallery
+from processor.run_loading import add_run_arguments, load_run_model, open_run_from_cli
+from processor.visualization import (OTHER_COLOUR, SAME_COLOUR, Tile, TileGroup, draw_ranking, quote,
+                                     score_label)
 from utils.entry import run_main
 from utils.errors import UserError
-from utils.gallery import Hit
-from utils.run_loading import add_run_arguments
+from utils.logger import setup_logger
 
 logger = logging.getLogger(__name__)
 
@@ -94,10 +100,6 @@ class CaptionResult:
 def analyse(model, run, gallery, data: dict[str, list], indices: Sequence[int], topk: int,
             max_lower: int) -> list[CaptionResult]:
     """Rank the gallery for the captions at ``indices`` of the split ``data``."""
-    import torch
-
-    from utils.gallery import encode_captions, hits_at, rank_gallery
-
     captions = [data["captions"][i] for i in indices]
     scores, order = rank_gallery(encode_captions(model, run, captions), gallery.feats)
     g_pids = torch.as_tensor(gallery.pids)
@@ -129,8 +131,6 @@ def describe(result: CaptionResult, split: str, num_captions: int, num_images: i
 
 def result_groups(result: CaptionResult) -> list:
     """The picture's tile groups: the top images, then the caption's person ranked lower (if any)."""
-    from utils.visualization import OTHER_COLOUR, SAME_COLOUR, Tile, TileGroup, score_label
-
     def tile(hit: Hit) -> Tile:
         same = hit.pid == result.pid
         return Tile(hit.path, score_label(hit.rank, hit.score, hit.pid, "\u2713" if same else "\u2717"),
@@ -147,8 +147,6 @@ def result_groups(result: CaptionResult) -> list:
 
 
 def format_summary(results: Sequence[CaptionResult], pictures: Sequence[str]) -> str:
-    from prettytable import PrettyTable
-
     table = PrettyTable(["caption", "id", "first correct rank", "AP %", "picture"])
     table.align["picture"] = "l"
     for result, picture in zip(results, pictures):
@@ -159,11 +157,6 @@ def format_summary(results: Sequence[CaptionResult], pictures: Sequence[str]) ->
 
 def run(cli: argparse.Namespace) -> list[CaptionResult]:
     """Analyse and draw the chosen captions; returns their results (pictures written, summary printed)."""
-    from utils.gallery import load_gallery, load_split
-    from utils.logger import setup_logger
-    from utils.run_loading import load_run_model, open_run_from_cli
-    from utils.visualization import draw_ranking, quote
-
     handle = open_run_from_cli(cli)
     setup_logger("IRRA", save_dir=None)
     data = load_split(handle.args, cli.split)

@@ -2,9 +2,9 @@
 
 * :func:`read_image` opens one image as RGB, or raises :class:`UserError` naming the file.
 * :func:`tokenize` / :func:`tokenize_captions` turn captions into ``LongTensor[text_length]`` rows
-  (``<|startoftext|>`` + ids + ``<|endoftext|>``, zero padded).
-* :class:`MaskingConfig` and :func:`mask_tokens` implement IRRA's MLM corruption, with the
-  ``masked_token_rate`` / ``masked_token_unchanged_rate`` knobs actually doing what they say.
+  (start + ids + end, padded) with any :class:`~utils.tokenizers.Tokenizer` (IRRA's CLIP BPE by default).
+* :class:`MaskingConfig` and :func:`mask_tokens` implement IRRA's MLM corruption for any tokenizer's special
+  ids, with the ``masked_token_rate`` / ``masked_token_unchanged_rate`` knobs actually doing what they say.
 * :class:`ImageDataset`, :class:`TextDataset`, :class:`ImageTextDataset` are the map-style datasets
   the loaders wrap. Captions are tokenised once, when a dataset is built, never per item.
 
@@ -30,9 +30,12 @@ from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset, get_worker_info
 
 from utils.errors import UserError
+from utils.simple_tokenizer import SimpleTokenizer
+from utils.tokenizers import ClipBpeTokenizer, Tokenizer, encode_caption
 
 logger = logging.getLogger(__name__)
 
+# CLIP's special ids as IRRA uses them (see utils.tokenizers.ClipBpeTokenizer).
 MASK_TOKEN_ID = 49405
 SOT_TOKEN_ID = 49406
 EOT_TOKEN_ID = 49407
@@ -63,37 +66,26 @@ def read_image(path: str | os.PathLike) -> Image.Image:
         ) from err
 
 
-def _load_default_tokenizer():
-    from utils.simple_tokenizer import SimpleTokenizer
-
-    return SimpleTokenizer()
+def _as_tokenizer(tokenizer) -> Tokenizer:
+    """A :class:`~utils.tokenizers.Tokenizer`: ``None`` gives IRRA's CLIP BPE, a bare SimpleTokenizer is wrapped."""
+    if tokenizer is None:
+        return ClipBpeTokenizer()
+    if isinstance(tokenizer, SimpleTokenizer):
+        return ClipBpeTokenizer(bpe=tokenizer)
+    return tokenizer
 
 
 def tokenize(caption: str, tokenizer, text_length: int = 77, truncate: bool = True) -> torch.Tensor:
-    """Encode one caption as ``LongTensor[text_length]``: sot, BPE ids, eot, then zeros.
+    """Encode one caption as ``LongTensor[text_length]``: start, ids, end, then padding (0 for CLIP).
 
-    A caption longer than ``text_length`` tokens (sot and eot included) is cut to ``text_length``
-    with eot as its last token when ``truncate`` is true.
+    A caption longer than ``text_length`` tokens (start and end included) is cut to ``text_length`` with the
+    end token last when ``truncate`` is true. ``tokenizer``: a :class:`~utils.tokenizers.Tokenizer` (or IRRA's
+    SimpleTokenizer).
 
     Raises:
         UserError: the caption is too long and ``truncate`` is false, or ``text_length < 2``.
     """
-    if text_length < 2:
-        raise UserError(f"text_length must be at least 2 (start and end tokens), got {text_length}; fix --text_length.")
-    sot = tokenizer.encoder["<|startoftext|>"]
-    eot = tokenizer.encoder["<|endoftext|>"]
-    tokens = [sot, *tokenizer.encode(caption), eot]
-    if len(tokens) > text_length:
-        if not truncate:
-            raise UserError(
-                f"Caption is {len(tokens)} tokens long (with start/end tokens) but text_length is "
-                f"{text_length}: '{caption[:80]}'. Raise --text_length or allow truncation."
-            )
-        tokens = tokens[:text_length]
-        tokens[-1] = eot
-    result = torch.zeros(text_length, dtype=torch.long)
-    result[: len(tokens)] = torch.tensor(tokens, dtype=torch.long)
-    return result
+    return encode_caption(caption, _as_tokenizer(tokenizer), text_length, truncate)
 
 
 def tokenize_captions(
@@ -104,13 +96,13 @@ def tokenize_captions(
     Returns:
         ``LongTensor[len(captions), text_length]``.
     """
-    tokenizer = _load_default_tokenizer() if tokenizer is None else tokenizer
+    tokenizer = _as_tokenizer(tokenizer)
     rows: dict[str, torch.Tensor] = {}
-    out = torch.zeros(len(captions), text_length, dtype=torch.long)
+    out = torch.empty(len(captions), text_length, dtype=torch.long)
     for i, caption in enumerate(captions):
         row = rows.get(caption)
         if row is None:
-            row = rows[caption] = tokenize(caption, tokenizer, text_length, truncate)
+            row = rows[caption] = encode_caption(caption, tokenizer, text_length, truncate)
         out[i] = row
     logger.debug("Tokenised %d captions (%d distinct)", len(captions), len(rows))
     return out
@@ -118,18 +110,23 @@ def tokenize_captions(
 
 @dataclass(frozen=True)
 class MaskingConfig:
-    """IRRA's MLM corruption (BERT style).
+    """MLM corruption (BERT style, as IRRA does it) for any tokenizer.
 
-    Every token with ``0 < id < mask_token_id`` (not padding, sot, eot or mask) is selected with
+    Every token that is not one of ``special_ids`` (padding, start, end, mask, unknown) is selected with
     probability ``mlm_probability``. A selected token becomes ``mask_token_id`` with probability
-    ``masked_token_rate``, stays unchanged with probability ``masked_token_unchanged_rate``, and
-    otherwise becomes a random id drawn uniformly from ``[1, mask_token_id - 1]``.
+    ``masked_token_rate``, stays unchanged with probability ``masked_token_unchanged_rate``, and otherwise becomes
+    a random id drawn uniformly from ``random_range`` (``[low, high)``). Labels hold the original id at
+    selected positions and ``pad_id`` elsewhere. The defaults are IRRA's CLIP values;
+    :meth:`for_tokenizer` fills the ids from a tokenizer.
     """
 
     mlm_probability: float = 0.15
     masked_token_rate: float = 0.8
     masked_token_unchanged_rate: float = 0.1
     mask_token_id: int = MASK_TOKEN_ID
+    special_ids: tuple[int, ...] = (0, MASK_TOKEN_ID, SOT_TOKEN_ID, EOT_TOKEN_ID)
+    random_range: tuple[int, int] = (1, MASK_TOKEN_ID)
+    pad_id: int = 0
 
     def __post_init__(self) -> None:
         for name in ("mlm_probability", "masked_token_rate", "masked_token_unchanged_rate"):
@@ -143,8 +140,18 @@ class MaskingConfig:
                 f"({self.masked_token_unchanged_rate}) = {total} exceeds 1; the rest is the share of random "
                 "replacements, so lower one of them."
             )
-        if self.mask_token_id < 2:
-            raise UserError(f"mask_token_id must be at least 2, got {self.mask_token_id}.")
+        low, high = self.random_range
+        if not 0 <= low < high:
+            raise UserError(f"the random replacement range [{low}, {high}) of the MLM masking is empty.")
+
+    @classmethod
+    def for_tokenizer(cls, tokenizer: Tokenizer, mlm_probability: float = 0.15, masked_token_rate: float = 0.8,
+                      masked_token_unchanged_rate: float = 0.1) -> "MaskingConfig":
+        """The rates given, with ``tokenizer``'s mask, special and padding ids and replacement range."""
+        specials = tokenizer.specials
+        return cls(mlm_probability, masked_token_rate, masked_token_unchanged_rate, mask_token_id=specials.mask,
+                   special_ids=tuple(sorted(tokenizer.special_ids)), random_range=tokenizer.random_token_range,
+                   pad_id=specials.pad)
 
 
 def mask_tokens(
@@ -153,20 +160,21 @@ def mask_tokens(
     """Corrupt one tokenised caption for masked language modelling.
 
     Args:
-        tokens: ``LongTensor[L]`` caption ids (sot, ids, eot, zero padding). Not modified.
-        config: selection and replacement rates.
+        tokens: ``LongTensor[L]`` caption ids (start, ids, end, padding). Not modified.
+        config: selection and replacement rates and the tokenizer's ids.
         generator: random stream to draw from (``None``: torch's global generator).
 
     Returns:
         ``(mlm_ids, mlm_labels)``, both ``LongTensor[L]``: the corrupted caption, and the original id at
-        every selected position with 0 elsewhere. When no token is selected, position 1 is replaced by
-        the mask token and labelled with its original id (as IRRA does).
+        every selected position with ``config.pad_id`` elsewhere. When no token is selected, position 1 is
+        replaced by the mask token and labelled with its original id (as IRRA does).
     """
     length = tokens.shape[0]
-    eligible = (tokens > 0) & (tokens < config.mask_token_id)
+    special = torch.tensor(config.special_ids, dtype=tokens.dtype)
+    eligible = ~torch.isin(tokens, special)
     selected = eligible & (torch.rand(length, generator=generator) < config.mlm_probability)
     choice = torch.rand(length, generator=generator)
-    random_ids = torch.randint(1, config.mask_token_id, (length,), generator=generator)
+    random_ids = torch.randint(*config.random_range, (length,), generator=generator)
 
     to_mask = selected & (choice < config.masked_token_rate)
     keep_until = config.masked_token_rate + config.masked_token_unchanged_rate
@@ -174,7 +182,7 @@ def mask_tokens(
 
     mlm_ids = torch.where(to_mask, torch.full_like(tokens, config.mask_token_id), tokens)
     mlm_ids = torch.where(to_random, random_ids, mlm_ids)
-    labels = torch.where(selected, tokens, torch.zeros_like(tokens))
+    labels = torch.where(selected, tokens, torch.full_like(tokens, config.pad_id))
     if not bool(selected.any()) and length > 1:
         labels[1] = tokens[1]
         mlm_ids[1] = config.mask_token_id
@@ -239,7 +247,7 @@ class ImageTextDataset(Dataset):
     Args:
         samples: ``(pid, image_id, img_path, caption)`` tuples, e.g. ``build_dataset(...).train``.
         transform: image transform (PIL image -> tensor).
-        text_length, truncate, tokenizer: see :func:`tokenize`; ``tokenizer=None`` loads SimpleTokenizer.
+        text_length, truncate, tokenizer: see :func:`tokenize`; ``tokenizer=None`` uses CLIP's BPE.
         masking: MLM corruption settings, or ``None`` for no MLM fields.
         keep_caption_unmasked: return the clean caption as ``caption_ids`` even with masking.
         seed: seed of the masking stream when items are read in the main process (see module docstring).

@@ -1,4 +1,5 @@
-"""Data loaders from the training arguments: the only place in ``datasets/`` that reads ``args``.
+"""Data loaders from the training options: the only place in ``datasets/`` that reads ``args``, and the
+home of the data flags (their option group is registered when ``datasets`` is imported).
 
 :func:`build_dataloader` parses the benchmark, builds the datasets, the sampler and the loaders.
 ``args.batch_size`` is the global batch: each rank's training loader takes
@@ -9,18 +10,22 @@ a seed derived from ``(args.seed, rank)`` so ranks mask differently but reproduc
 """
 from __future__ import annotations
 
+import argparse
 import logging
-from typing import Optional
+from collections.abc import Callable, Sequence
+from typing import NamedTuple, Optional
 
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from datasets.bases import ImageDataset, ImageTextDataset, MaskingConfig, TextDataset
-from datasets.pedes import PedesDataset, build_dataset
+from datasets.bases import ImageDataset, ImageTextDataset, MaskingConfig, TextDataset, TrainSample
+from datasets.pedes import DATASETS, PedesDataset, build_dataset
 from datasets.sampler import RandomIdentitySampler, ShardedRandomSampler
 from datasets.transforms import build_transforms
 from utils.comm import pins_memory
 from utils.errors import UserError
+from utils.options import OptionGroup, non_negative_int, positive_int, register_options
+from utils.tokenizers import ClipBpeTokenizer, Tokenizer
 
 logger = logging.getLogger(__name__)
 
@@ -56,7 +61,7 @@ def make_loader(
 
 def make_eval_loaders(
     split: dict[str, list],
-    img_size: tuple[int, int],
+    transform,
     text_length: int,
     batch_size: int,
     num_workers: int,
@@ -64,8 +69,9 @@ def make_eval_loaders(
     seed: int,
     tokenizer=None,
 ) -> tuple[DataLoader, DataLoader]:
-    """Unshuffled image loader ``(pid, image)`` and text loader ``(pid, caption_ids)`` of one split."""
-    images = ImageDataset(split["image_pids"], split["img_paths"], build_transforms(img_size, is_train=False))
+    """Unshuffled image loader ``(pid, image)`` and text loader ``(pid, caption_ids)`` of one split; ``transform``
+    turns each PIL image into a tensor."""
+    images = ImageDataset(split["image_pids"], split["img_paths"], transform)
     texts = TextDataset(split["caption_pids"], split["captions"], text_length=text_length, tokenizer=tokenizer)
     return (
         make_loader(images, batch_size, num_workers, pin_memory, seed),
@@ -73,28 +79,84 @@ def make_eval_loaders(
     )
 
 
-def _uses_mlm(args) -> bool:
-    names = str(getattr(args, "loss_names", "")).split("+")
-    return bool(getattr(args, "MLM", False)) or "mlm" in names
+def _add_data_options(g: argparse._ArgumentGroup) -> None:
+    g.add_argument("--dataset_name", default="CUHK-PEDES", choices=tuple(DATASETS), help="the benchmark")
+    g.add_argument("--root_dir", default="./data", help="folder holding CUHK-PEDES/, ICFG-PEDES/, RSTPReid/")
+    g.add_argument("--sampler", default="random", choices=SAMPLERS)
+    g.add_argument("--num_instance", type=positive_int, default=4, help="samples per identity (identity sampler)")
+    g.add_argument("--batch_size", type=positive_int, default=128, help="global batch (split across processes)")
+    g.add_argument("--test_batch_size", type=positive_int, default=512)
+    g.add_argument("--num_workers", type=non_negative_int, default=8)
+    g.add_argument("--img_size", type=positive_int, nargs=2, default=(384, 128), metavar=("H", "W"),
+                   help="input height and width")
+    g.add_argument("--img_aug", action="store_true", help="pad+crop and random erasing in training")
+    g.add_argument("--text_length", type=positive_int, default=77, help="tokens per caption, start and end included")
+    g.add_argument("--mlm_probability", type=float, default=0.15, help="probability that a token is selected for MLM")
+    g.add_argument("--masked_token_rate", type=float, default=0.8, help="share of selected tokens replaced by the mask")
+    g.add_argument("--masked_token_unchanged_rate", type=float, default=0.1,
+                   help="share of selected tokens left as they are")
+    g.add_argument("--keep_caption_unmasked", action="store_true",
+                   help="feed the clean caption to the global losses (IRRA feeds the masked one)")
 
 
-def _check_args(args, world_size: int, rank: int) -> None:
-    if args.num_workers < 0:
-        raise UserError(f"--num_workers must be >= 0, got {args.num_workers}.")
-    if args.training:
-        if args.sampler not in SAMPLERS:
-            raise UserError(f"Unknown --sampler '{args.sampler}'; use one of {', '.join(SAMPLERS)}.")
-        if args.val_dataset not in ("test", "val"):
-            raise UserError(f"--val_dataset must be 'test' or 'val', got '{args.val_dataset}'.")
-        if args.batch_size < 1 or args.batch_size % world_size:
-            raise UserError(
-                f"--batch_size {args.batch_size} is the global batch over {world_size} processes and must be a "
-                f"positive multiple of {world_size}."
-            )
-    elif args.test_batch_size < 1:
-        raise UserError(f"--test_batch_size must be positive, got {args.test_batch_size}.")
-    if not 0 <= rank < world_size:
-        raise UserError(f"rank {rank} is outside world size {world_size}.")
+def _derive_data_options(args: argparse.Namespace) -> None:
+    if len(args.img_size) != 2:
+        raise UserError(f"--img_size takes two numbers, height and width; got {list(args.img_size)}")
+    args.img_size = tuple(args.img_size)
+
+
+def _check_data_options(args: argparse.Namespace) -> None:
+    if args.sampler == "identity" and args.batch_size % args.num_instance:
+        raise UserError(f"--batch_size {args.batch_size} is not a multiple of --num_instance {args.num_instance}, "
+                        f"which the identity sampler needs (batch = identities × num_instance)")
+    rates = (args.mlm_probability, args.masked_token_rate, args.masked_token_unchanged_rate)
+    if any(not 0.0 <= r <= 1.0 for r in rates) or args.masked_token_rate + args.masked_token_unchanged_rate > 1.0:
+        raise UserError("--mlm_probability, --masked_token_rate and --masked_token_unchanged_rate must lie in [0, 1] "
+                        "and masked_token_rate + masked_token_unchanged_rate must not exceed 1")
+    if args.training and args.val_dataset == "val" and not DATASETS[args.dataset_name].has_val:
+        raise UserError(f"{args.dataset_name} has no val split; use --val_dataset test")
+
+
+register_options(OptionGroup("data", _add_data_options, _check_data_options, _derive_data_options))
+
+
+def irra_train_set(args: argparse.Namespace, samples: Sequence[TrainSample], tokenizer: Tokenizer,
+                   seed: int) -> ImageTextDataset:
+    """IRRA's training pipeline: its augmentation, the captions tokenised once, MLM masking when ``args.MLM``."""
+    masking = None
+    if getattr(args, "MLM", False):
+        masking = MaskingConfig.for_tokenizer(
+            tokenizer,
+            mlm_probability=float(getattr(args, "mlm_probability", 0.15)),
+            masked_token_rate=float(getattr(args, "masked_token_rate", 0.8)),
+            masked_token_unchanged_rate=float(getattr(args, "masked_token_unchanged_rate", 0.1)),
+        )
+    return ImageTextDataset(
+        samples,
+        build_transforms(tuple(args.img_size), aug=bool(getattr(args, "img_aug", False)), is_train=True),
+        text_length=args.text_length,
+        tokenizer=tokenizer,
+        masking=masking,
+        keep_caption_unmasked=bool(getattr(args, "keep_caption_unmasked", False)),
+        seed=seed,
+    )
+
+
+class DataLoaders(NamedTuple):
+    """What :func:`build_dataloader` returns, in training and in testing alike.
+
+    Attributes:
+        train: the training loader (None in testing); batches are dicts (see :class:`ImageTextDataset`).
+        images: the evaluation images of the validation split (training) or the test split (testing); batches
+            are ``(pids, images)``.
+        texts: the evaluation captions of the same split; batches are ``(pids, caption_ids)``.
+        num_classes: training identities.
+    """
+
+    train: Optional[DataLoader]
+    images: DataLoader
+    texts: DataLoader
+    num_classes: int
 
 
 def _train_sampler(args, dataset: PedesDataset, world_size: int, rank: int, seed: int) -> Sampler:
@@ -111,73 +173,54 @@ def _train_sampler(args, dataset: PedesDataset, world_size: int, rank: int, seed
     return ShardedRandomSampler(len(dataset.train), args.batch_size, num_replicas=world_size, rank=rank, seed=seed)
 
 
-def build_dataloader(args, transforms=None):
-    """Loaders for training or testing, as IRRA's ``build_dataloader``.
+def build_dataloader(args, tokenizer: Optional[Tokenizer] = None, *, dataset: Optional[PedesDataset] = None,
+                     build_train_set: Optional[Callable[..., Dataset]] = None, test_transform=None,
+                     world_size: int = 1, rank: int = 0, device: str = "cpu") -> DataLoaders:
+    """Loaders for training (``args.training``) or testing, as IRRA's ``build_dataloader``.
 
-    Reads ``dataset_name, root_dir, training, img_size, img_aug, text_length, batch_size,
-    test_batch_size, num_workers, sampler, num_instance, val_dataset, MLM / loss_names, mlm_probability,
-    masked_token_rate, masked_token_unchanged_rate, keep_caption_unmasked, seed, device, world_size,
-    rank`` (the last few optional). MLM fields are produced when ``args.MLM`` is set or ``'mlm'`` is one
-    of the ``+``-separated ``loss_names``.
+    Reads ``dataset_name, root_dir, training, img_size, img_aug, text_length, batch_size, test_batch_size,
+    num_workers, sampler, num_instance, val_dataset, MLM, mlm_probability, masked_token_rate,
+    masked_token_unchanged_rate, keep_caption_unmasked, seed``.
 
     Args:
-        args: the training / testing arguments namespace.
-        transforms: test mode only, an image transform replacing the default test transform.
+        args: the training / testing options.
+        tokenizer: the method's tokenizer (default: IRRA's CLIP BPE).
+        dataset: the benchmark already parsed from ``args.dataset_name`` and ``args.root_dir`` (parsed here when
+            None).
+        build_train_set: ``(args, samples, tokenizer, seed) -> Dataset``, the method's training pipeline
+            (default :func:`irra_train_set`).
+        test_transform: the method's evaluation image transform (default: IRRA's).
+        world_size, rank: the process layout; ``args.batch_size`` is the global batch and each rank's training
+            loader takes ``batch_size // world_size`` per step.
+        device: where batches go (pinned host memory for GPUs).
 
     Returns:
-        training: ``(train_loader, val_img_loader, val_txt_loader, num_classes)``; train batches are dicts
-        (``pids`` LongTensor[B], ``image_ids`` LongTensor[B], ``images`` FloatTensor[B, 3, H, W],
-        ``caption_ids`` LongTensor[B, L], with MLM also ``mlm_ids``, ``mlm_labels`` LongTensor[B, L]).
-        testing: ``(test_img_loader, test_txt_loader, num_classes)``. Image loaders yield
-        ``(pids, images)``, text loaders ``(pids, caption_ids)``.
+        :class:`DataLoaders` ``(train, images, texts, num_classes)``: in training the evaluation loaders are
+        ``args.val_dataset``'s, in testing the test split's (and ``train`` is None).
     """
-    from utils.simple_tokenizer import SimpleTokenizer
-
-    world_size = int(getattr(args, "world_size", 1) or 1)
-    rank = int(getattr(args, "rank", 0) or 0)
+    if world_size < 1 or not 0 <= rank < world_size:
+        raise UserError(f"rank {rank} is outside world size {world_size}.")
     seed = int(getattr(args, "seed", 1))
-    _check_args(args, world_size, rank)
-    dataset = build_dataset(args.dataset_name, args.root_dir)
-    pin_memory = pins_memory(getattr(args, "device", "cpu"))
+    dataset = dataset if dataset is not None else build_dataset(args.dataset_name, args.root_dir)
+    pin_memory = pins_memory(device)
     img_size = tuple(args.img_size)
-    tokenizer = SimpleTokenizer()
+    tokenizer = tokenizer if tokenizer is not None else ClipBpeTokenizer()
     loader_seed = rank_seed(seed, rank)
+    test_transform = test_transform if test_transform is not None else build_transforms(img_size, is_train=False)
 
     if not args.training:
-        split = dataset.split("test")
-        img_loader, txt_loader = make_eval_loaders(
-            split, img_size, args.text_length, args.test_batch_size, args.num_workers, pin_memory, loader_seed,
-            tokenizer,
-        )
-        if transforms is not None:
-            img_loader.dataset.transform = transforms
-        return img_loader, txt_loader, dataset.num_classes
+        images, texts = make_eval_loaders(dataset.split("test"), test_transform, args.text_length,
+                                          args.test_batch_size, args.num_workers, pin_memory, loader_seed, tokenizer)
+        return DataLoaders(None, images, texts, dataset.num_classes)
 
     if not dataset.train:
         raise UserError(f"'{dataset.anno_path}' has no entries with split 'train'; there is nothing to train on.")
     val_split = dataset.split(args.val_dataset)  # checked before the (slower) training set is tokenised
-    masking = None
-    if _uses_mlm(args):
-        masking = MaskingConfig(
-            mlm_probability=float(getattr(args, "mlm_probability", 0.15)),
-            masked_token_rate=float(getattr(args, "masked_token_rate", 0.8)),
-            masked_token_unchanged_rate=float(getattr(args, "masked_token_unchanged_rate", 0.1)),
-            mask_token_id=tokenizer.encoder["<|mask|>"],
-        )
-    train_set = ImageTextDataset(
-        dataset.train,
-        build_transforms(img_size, aug=bool(getattr(args, "img_aug", False)), is_train=True),
-        text_length=args.text_length,
-        tokenizer=tokenizer,
-        masking=masking,
-        keep_caption_unmasked=bool(getattr(args, "keep_caption_unmasked", False)),
-        seed=loader_seed,
-    )
+    train_set = (build_train_set or irra_train_set)(args, dataset.train, tokenizer, loader_seed)
     sampler = _train_sampler(args, dataset, world_size, rank, seed)
     train_loader = make_loader(
         train_set, args.batch_size // world_size, args.num_workers, pin_memory, loader_seed, sampler=sampler
     )
-    val_img_loader, val_txt_loader = make_eval_loaders(
-        val_split, img_size, args.text_length, args.batch_size, args.num_workers, pin_memory, loader_seed, tokenizer
-    )
-    return train_loader, val_img_loader, val_txt_loader, dataset.num_classes
+    images, texts = make_eval_loaders(val_split, test_transform, args.text_length, args.batch_size,
+                                      args.num_workers, pin_memory, loader_seed, tokenizer)
+    return DataLoaders(train_loader, images, texts, dataset.num_classes)

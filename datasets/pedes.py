@@ -1,14 +1,15 @@
-"""One parser for the three text-to-image person retrieval benchmarks.
+"""One parser for the text-to-image person retrieval benchmarks.
 
 The benchmarks differ only in the annotation file name, the JSON key of the image path, the number
-subtracted from training identity ids and whether a validation split exists. Each is a
+subtracted from training identity ids, the image folder and whether a validation split exists. Each is a
 :class:`PedesSpec` in :data:`DATASETS`; :class:`PedesDataset` reads any of them.
 
 Layout under ``root``::
 
-    CUHK-PEDES/imgs/...   CUHK-PEDES/reid_raw.json          (file_path; train ids from 1)
-    ICFG-PEDES/imgs/...   ICFG-PEDES/ICFG-PEDES.json        (file_path; no val split)
-    RSTPReid/imgs/...     RSTPReid/data_captions.json       (img_path)
+    CUHK-PEDES/imgs/...   CUHK-PEDES/reid_raw.json                (file_path; train ids from 1)
+    ICFG-PEDES/imgs/...   ICFG-PEDES/ICFG-PEDES.json              (file_path; no val split)
+    RSTPReid/imgs/...     RSTPReid/data_captions.json             (img_path)
+    UFine6926/images/...  UFine6926/UFine6926_Annotations.json    (file_path 'images/...'; train ids from 1)
 
 Each annotation file is a JSON list of entries ``{"split", "captions", "id", <path key>, ...}``.
 """
@@ -18,6 +19,7 @@ import json
 import logging
 import os
 from dataclasses import dataclass
+from collections.abc import Sequence
 from typing import Any, Optional
 
 from prettytable import PrettyTable
@@ -41,6 +43,8 @@ class PedesSpec:
         train_id_offset: subtracted from training ids so that classes are 0..N-1.
         has_val: whether the benchmark defines a validation split.
         reference: where the benchmark comes from.
+        image_folder: folder under the dataset folder that image paths are relative to ("" for the dataset
+            folder itself).
     """
 
     name: str
@@ -49,6 +53,7 @@ class PedesSpec:
     train_id_offset: int
     has_val: bool
     reference: str
+    image_folder: str = "imgs"
 
 
 DATASETS: dict[str, PedesSpec] = {
@@ -79,6 +84,16 @@ DATASETS: dict[str, PedesSpec] = {
             has_val=True,
             reference="Zhu et al., DSSL: Deep Surroundings-person Separation Learning for Text-based "
             "Person Retrieval, ACM MM 2021",
+        ),
+        PedesSpec(
+            name="UFine6926",
+            annotation_files=("UFine6926_Annotations.json",),
+            path_key="file_path",
+            train_id_offset=1,
+            has_val=True,
+            reference="Zuo et al., UFineBench: Towards Text-based Person Retrieval with Ultra-fine Granularity, "
+            "CVPR 2024",
+            image_folder="",
         ),
     )
 }
@@ -122,6 +137,14 @@ def read_annotations(path: str) -> list[dict[str, Any]]:
     return data
 
 
+def _override_path(anno_file: str, dataset_dir: str) -> str:
+    """``anno_file`` as given when that file exists, else the file of that name in ``dataset_dir``."""
+    for path in (anno_file, os.path.join(dataset_dir, anno_file)):
+        if os.path.isfile(path):
+            return path
+    raise UserError(f"Annotation file '{anno_file}' not found (also looked in '{dataset_dir}'); fix --anno_file.")
+
+
 def _first_gap(pids: set[int]) -> int:
     """Smallest integer >= 0 missing from ``pids`` (a set of non-negative integers)."""
     expected = 0
@@ -130,6 +153,56 @@ def _first_gap(pids: set[int]) -> int:
             return expected
         expected += 1
     return expected
+
+
+def check_entry(entry: dict[str, Any], where: str, keys: Sequence[str], path_key: str, owner: str) -> None:
+    """Check that an annotation entry has ``keys``, a list of string captions, a string image path under
+    ``path_key`` and an integer id.
+
+    Args:
+        where: names the entry in messages (file and index).
+        owner: names the dataset or layout in messages.
+
+    Raises:
+        UserError: the first problem found.
+    """
+    for key in keys:
+        if key not in entry:
+            listed = ", ".join(f"'{k}'" for k in keys[:-1]) + f" and '{keys[-1]}'"
+            raise UserError(f"{where} has no '{key}' key; every {owner} entry needs {listed}.")
+    captions = entry["captions"]
+    if not isinstance(captions, list) or not all(isinstance(c, str) for c in captions):
+        raise UserError(f"{where}: 'captions' must be a list of strings, found {captions!r:.80}.")
+    if not isinstance(entry[path_key], str):
+        raise UserError(f"{where}: '{path_key}' must be a string path.")
+    value = entry["id"]
+    if isinstance(value, bool) or not isinstance(value, (int, str)) or not str(value).strip().lstrip("-").isdigit():
+        raise UserError(f"{where}: 'id' must be an integer, found {value!r}.")
+
+
+def check_train_ids(pids: set[int], offset: int, source: str) -> None:
+    """Check that training ids minus ``offset`` (``pids``) are exactly 0..N-1.
+
+    Args:
+        source: names the annotation file(s) in messages.
+
+    Raises:
+        UserError: an id below ``offset`` or a gap, naming the first missing id.
+    """
+    if not pids:
+        return
+    rule = (
+        f"{source}: training ids must run from {offset} to {offset + len(pids) - 1} without gaps "
+        f"(they become class indices 0..{len(pids) - 1})"
+    )
+    if min(pids) < 0:
+        raise UserError(f"{rule}, but id {min(pids) + offset} is below {offset}. Renumber the training identities.")
+    gap = _first_gap(pids)
+    if gap != len(pids):
+        raise UserError(
+            f"{rule}, but id {gap + offset} is missing (ids found: {offset}..{max(pids) + offset}). "
+            "Renumber the training identities."
+        )
 
 
 class PedesDataset:
@@ -144,12 +217,14 @@ class PedesDataset:
         train_id_container: the set of training pids; ``num_classes`` is its size.
     """
 
-    def __init__(self, root: str | os.PathLike, spec: PedesSpec, verbose: bool = True):
+    def __init__(
+        self, root: str | os.PathLike, spec: PedesSpec, verbose: bool = True, anno_file: Optional[str] = None
+    ):
         self.spec = spec
         self.root = os.fspath(root)
         self.dataset_dir = os.path.join(self.root, spec.name)
-        self.img_dir = os.path.join(self.dataset_dir, "imgs")
-        self.anno_path = self._check_files()
+        self.img_dir = os.path.join(self.dataset_dir, spec.image_folder) if spec.image_folder else self.dataset_dir
+        self.anno_path = self._check_files(anno_file)
 
         by_split: dict[str, list[dict[str, Any]]] = {split: [] for split in SPLITS}
         for index, entry in enumerate(read_annotations(self.anno_path)):
@@ -199,7 +274,7 @@ class PedesDataset:
             table.add_row([name, len(ids), self.num_images[name], captions])
         return str(table)
 
-    def _check_files(self) -> str:
+    def _check_files(self, anno_file: Optional[str]) -> str:
         if not os.path.isdir(self.root):
             raise UserError(f"Dataset root '{self.root}' does not exist; fix --root_dir.")
         if not os.path.isdir(self.dataset_dir):
@@ -209,6 +284,8 @@ class PedesDataset:
             )
         if not os.path.isdir(self.img_dir):
             raise UserError(f"Image folder '{self.img_dir}' not found; put the {self.spec.name} images under it.")
+        if anno_file is not None:
+            return _override_path(anno_file, self.dataset_dir)
         for name in self.spec.annotation_files:
             path = os.path.join(self.dataset_dir, name)
             if os.path.isfile(path):
@@ -221,22 +298,9 @@ class PedesDataset:
 
     def _check_entry(self, index: int, entry: dict[str, Any]) -> None:
         where = f"Annotation file '{self.anno_path}', entry {index}"
-        for key in ("id", "split", "captions", self.spec.path_key):
-            if key not in entry:
-                raise UserError(
-                    f"{where} has no '{key}' key; every {self.spec.name} entry needs 'id', 'split', "
-                    f"'captions' and '{self.spec.path_key}'."
-                )
+        check_entry(entry, where, ("id", "split", "captions", self.spec.path_key), self.spec.path_key, self.spec.name)
         if entry["split"] not in SPLITS:
             raise UserError(f"{where}: split is {entry['split']!r}, expected one of {', '.join(SPLITS)}.")
-        captions = entry["captions"]
-        if not isinstance(captions, list) or not all(isinstance(c, str) for c in captions):
-            raise UserError(f"{where}: 'captions' must be a list of strings, found {captions!r:.80}.")
-        if not isinstance(entry[self.spec.path_key], str):
-            raise UserError(f"{where}: '{self.spec.path_key}' must be a string path.")
-        value = entry["id"]
-        if isinstance(value, bool) or not isinstance(value, (int, str)) or not str(value).strip().lstrip("-").isdigit():
-            raise UserError(f"{where}: 'id' must be an integer, found {value!r}.")
 
     def _train_samples(self, entries: list[dict[str, Any]]) -> tuple[list[TrainSample], set[int]]:
         offset = self.spec.train_id_offset
@@ -247,20 +311,7 @@ class PedesDataset:
             pids.add(pid)
             img_path = os.path.join(self.img_dir, entry[self.spec.path_key])
             samples.extend((pid, image_id, img_path, caption) for caption in entry["captions"])
-        if not pids:
-            return samples, pids
-        rule = (
-            f"Annotation file '{self.anno_path}': training ids must run from {offset} to "
-            f"{offset + len(pids) - 1} without gaps (they become class indices 0..{len(pids) - 1})"
-        )
-        if min(pids) < 0:
-            raise UserError(f"{rule}, but id {min(pids) + offset} is below {offset}. Renumber the training identities.")
-        gap = _first_gap(pids)
-        if gap != len(pids):
-            raise UserError(
-                f"{rule}, but id {gap + offset} is missing (ids found: {offset}..{max(pids) + offset}). "
-                "Renumber the training identities."
-            )
+        check_train_ids(pids, offset, f"Annotation file '{self.anno_path}'")
         return samples, pids
 
     def _eval_split(self, entries: list[dict[str, Any]]) -> tuple[dict[str, list], set[int]]:
@@ -274,6 +325,13 @@ class PedesDataset:
         return data, set(data["image_pids"])
 
 
-def build_dataset(name: str, root: str | os.PathLike, verbose: bool = True) -> PedesDataset:
-    """Parse benchmark ``name`` (``'CUHK-PEDES'``, ``'ICFG-PEDES'`` or ``'RSTPReid'``) under ``root``."""
-    return PedesDataset(root, get_spec(name), verbose=verbose)
+def build_dataset(
+    name: str, root: str | os.PathLike, verbose: bool = True, anno_file: Optional[str] = None
+) -> PedesDataset:
+    """Parse benchmark ``name`` (a key of :data:`DATASETS`) under ``root``.
+
+    Args:
+        anno_file: read this annotation file instead of the benchmark's own (a path, or a file name in the
+            dataset folder).
+    """
+    return PedesDataset(root, get_spec(name), verbose=verbose, anno_file=anno_file)

@@ -1,7 +1,9 @@
 """The training loop and test-time inference.
 
-Everything the loop needs arrives as arguments; it only reads the few schedule options (``num_epoch``,
-``log_period``, ``eval_period``) from ``args``. The log lines keep IRRA's form
+A training step is ``outputs = model(batch)``, ``terms = criterion(outputs, batch)``, backward through the sum
+of the ``*_loss`` terms; every term the criterion returns is logged. Everything the loop needs arrives as
+arguments; it only reads the few schedule options (``num_epoch``, ``log_period``, ``eval_period``,
+``batch_size``) from ``args``. The log lines keep IRRA's form
 (``Epoch[e] Iteration[i/N], loss: …, sdm_loss: …, Base Lr: …``) because people parse them.
 """
 from __future__ import annotations
@@ -17,6 +19,7 @@ from tqdm import tqdm
 from utils.checkpoint import Checkpointer, unwrap_model
 from utils.comm import DistEnv, all_reduce_sum, run_on_main
 from utils.errors import UserError
+from utils.metrics import Evaluator
 from utils.precision import Precision
 
 logger = logging.getLogger(__name__)
@@ -63,9 +66,9 @@ def format_progress(epoch: int, iteration: int, num_iterations: int, means: dict
     return ", ".join(parts)
 
 
-def train_one_epoch(model, train_loader, optimizer, precision: Precision, scaler, device: torch.device,
+def train_one_epoch(model, criterion, train_loader, optimizer, precision: Precision, scaler, device: torch.device,
                     epoch: int, log_period: int, lr: float, show_progress: bool) -> tuple[dict[str, float], dict, int]:
-    """Run one epoch; returns the epoch's means, the last step's outputs and the number of steps."""
+    """Run one epoch; returns the epoch's means, the last step's loss terms and the number of steps."""
     model.train()
     meters = RunningMeans()
     num_iterations = len(train_loader)
@@ -76,7 +79,7 @@ def train_one_epoch(model, train_loader, optimizer, precision: Precision, scaler
     for step, batch in enumerate(bar, start=1):
         batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
         with precision.autocast():
-            ret = model(batch)
+            ret = criterion(model(batch), batch)
             total_loss = sum(v for k, v in ret.items() if k.endswith("_loss"))
         ret["loss"] = total_loss
         optimizer.zero_grad(set_to_none=True)
@@ -116,7 +119,7 @@ def validate(epoch: int, num_epoch: int, model, evaluator, checkpointer: Checkpo
     return float(best_top1), int(best_epoch)
 
 
-def do_train(start_epoch: int, args, model, train_loader, evaluator, optimizer, scheduler,
+def do_train(start_epoch: int, args, model, criterion, train_loader, evaluator, optimizer, scheduler,
              checkpointer: Checkpointer, precision: Precision, env: DistEnv, scaler=None, tb_writer=None,
              best_top1: float = 0.0, best_epoch: int = 0) -> tuple[float, int]:
     """Train from ``start_epoch`` to ``args.num_epoch`` (1-based, inclusive); returns (best Rank-1, its epoch).
@@ -138,7 +141,7 @@ def do_train(start_epoch: int, args, model, train_loader, evaluator, optimizer, 
             batch_sampler.set_epoch(epoch)
         lr = scheduler.get_last_lr()[0]
         start = time.time()
-        means, ret, steps = train_one_epoch(model, train_loader, optimizer, precision, scaler, env.device, epoch,
+        means, ret, steps = train_one_epoch(model, criterion, train_loader, optimizer, precision, scaler, env.device, epoch,
                                             args.log_period, lr, show_progress=env.is_main)
         elapsed = time.time() - start
         scheduler.step()
@@ -167,8 +170,6 @@ def do_train(start_epoch: int, args, model, train_loader, evaluator, optimizer, 
 
 def do_inference(model, test_img_loader, test_txt_loader, autocast=None, chunk_size=None, i2t_metric: bool = False):
     """Evaluate ``model`` on the test loaders; returns the Evaluator (its ``last_results`` hold every metric)."""
-    from utils.metrics import Evaluator
-
     evaluator = Evaluator(test_img_loader, test_txt_loader, autocast=autocast, chunk_size=chunk_size)
     evaluator.eval(unwrap_model(model), i2t_metric=i2t_metric)
     return evaluator

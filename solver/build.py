@@ -8,6 +8,7 @@ Weight decay is ``weight_decay_bias`` for names containing ``bias`` and ``weight
 """
 from __future__ import annotations
 
+import argparse
 import logging
 from collections.abc import Sequence
 
@@ -15,8 +16,9 @@ import torch
 from torch import nn
 
 from utils.errors import UserError
+from utils.options import OptionGroup, non_negative_float, positive_float, positive_int, register_options
 
-from .lr_scheduler import LRSchedulerWithWarmup
+from .lr_scheduler import SCHEDULES, WARMUP_METHODS, LRSchedulerWithWarmup, check_schedule
 
 logger = logging.getLogger(__name__)
 
@@ -56,18 +58,13 @@ def make_optimizer(groups: list[dict], name: str, lr: float, momentum: float = 0
     raise UserError(f"--optimizer {name!r} is not known; choose one of {', '.join(OPTIMIZERS)}")
 
 
-def lr_rules_from_args(args, model: nn.Module) -> list[LrRule]:
-    """IRRA's rules, followed by any the model adds for its own modules (``model.extra_lr_rules(args)``)."""
-    rules = irra_lr_rules(args.lr_factor, args.bias_lr_factor)
-    extra = getattr(model, "extra_lr_rules", None)
-    if callable(extra):
-        rules += list(extra(args))
-    return rules
+def build_optimizer(args, model: nn.Module, rules: Sequence[LrRule] | None = None) -> torch.optim.Optimizer:
+    """The optimizer of ``args.optimizer`` over ``model``'s trainable parameters, one group each.
 
-
-def build_optimizer(args, model: nn.Module) -> torch.optim.Optimizer:
+    ``rules`` are the method's learning-rate rules (its ``Method.lr_rules``); None gives IRRA's.
+    """
     model = model.module if hasattr(model, "module") else model
-    rules = lr_rules_from_args(args, model)
+    rules = irra_lr_rules(args.lr_factor, args.bias_lr_factor) if rules is None else list(rules)
     groups = make_param_groups(model, args.lr, args.weight_decay, args.weight_decay_bias, rules)
     logger.info("Optimizer %s over %d parameter tensors; learning-rate rules %s", args.optimizer, len(groups), rules)
     return make_optimizer(groups, args.optimizer, args.lr, args.momentum, args.alpha, args.beta)
@@ -78,3 +75,43 @@ def build_lr_scheduler(args, optimizer: torch.optim.Optimizer) -> LRSchedulerWit
                                  warmup_factor=args.warmup_factor, warmup_epochs=args.warmup_epochs,
                                  warmup_method=args.warmup_method, total_epochs=args.num_epoch,
                                  mode=args.lrscheduler, target_lr=args.target_lr, power=args.power)
+
+
+def _add_solver_options(g: argparse._ArgumentGroup) -> None:
+    g.add_argument("--optimizer", default="Adam", choices=OPTIMIZERS)
+    g.add_argument("--lr", type=positive_float, default=1e-5, help="base learning rate")
+    g.add_argument("--lr_factor", type=non_negative_float, default=5.0,
+                   help="learning-rate factor of randomly initialised modules (IRRA's rules: cross-modal, "
+                        "classifier, MLM head)")
+    g.add_argument("--bias_lr_factor", type=non_negative_float, default=2.0)
+    g.add_argument("--momentum", type=non_negative_float, default=0.9)
+    g.add_argument("--weight_decay", type=non_negative_float, default=4e-5)
+    g.add_argument("--weight_decay_bias", type=non_negative_float, default=0.0)
+    g.add_argument("--alpha", type=non_negative_float, default=0.9, help="Adam beta1")
+    g.add_argument("--beta", type=non_negative_float, default=0.999, help="Adam beta2")
+
+
+def _add_schedule_options(g: argparse._ArgumentGroup) -> None:
+    g.add_argument("--num_epoch", type=positive_int, default=60)
+    g.add_argument("--milestones", type=int, nargs="+", default=(20, 50))
+    g.add_argument("--gamma", type=non_negative_float, default=0.1)
+    g.add_argument("--warmup_factor", type=non_negative_float, default=0.1)
+    g.add_argument("--warmup_epochs", type=int, default=5,
+                   help="epochs of warmup; a run shorter than that stays in warmup, as in IRRA")
+    g.add_argument("--warmup_method", default="linear", choices=WARMUP_METHODS)
+    g.add_argument("--lrscheduler", default="cosine", choices=SCHEDULES)
+    g.add_argument("--target_lr", type=non_negative_float, default=0.0)
+    g.add_argument("--power", type=non_negative_float, default=0.9)
+
+
+def _derive_schedule(args: argparse.Namespace) -> None:
+    args.milestones = tuple(args.milestones)
+
+
+def _check_schedule(args: argparse.Namespace) -> None:
+    check_schedule(args.lrscheduler, args.milestones, args.warmup_method, args.warmup_epochs, args.num_epoch)
+
+
+register_options(OptionGroup("solver", _add_solver_options))
+register_options(OptionGroup("scheduler (stepped once per epoch)", _add_schedule_options, _check_schedule,
+                             _derive_schedule))

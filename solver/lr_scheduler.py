@@ -35,7 +35,9 @@ def scheduled_lr(base_lr: float, epoch: int, *, mode: str, milestones: Sequence[
         return base_lr * (warmup_factor * (1 - alpha) + alpha)
     if mode == "step":
         return base_lr * gamma ** bisect_right(list(milestones), epoch)
-    ratio = (epoch - warmup_epochs) / (total_epochs - warmup_epochs)
+    # A run no longer than its warmup stays in warmup (IRRA accepts it); only the scheduler's step after the
+    # last epoch gets here then, and the rate it computes is never used.
+    ratio = min(1.0, (epoch - warmup_epochs) / max(total_epochs - warmup_epochs, 1))
     if mode == "exp":
         return base_lr * power ** ratio
     if mode == "linear":
@@ -56,9 +58,6 @@ def check_schedule(mode: str, milestones: Sequence[int], warmup_method: str, war
         raise UserError(f"--milestones must be increasing epochs, got {list(milestones)}")
     if warmup_epochs < 0 or total_epochs < 1:
         raise UserError(f"--warmup_epochs ({warmup_epochs}) must be ≥ 0 and --num_epoch ({total_epochs}) ≥ 1")
-    if mode != "step" and warmup_epochs >= total_epochs:
-        raise UserError(f"--warmup_epochs ({warmup_epochs}) must be smaller than --num_epoch ({total_epochs}) "
-                        f"for the {mode} schedule")
 
 
 class LRSchedulerWithWarmup(LRScheduler):

@@ -120,7 +120,7 @@ def hooks(record: str = "", fail_eval: bool = False, fail_step_on_rank: int = -1
     """Apply the hooks of the module docstring for the duration of the block."""
     import datasets.bases as bases
     import datasets.build as build
-    from model.build import IRRA
+    from model import IRRA
     from utils.metrics import Evaluator
 
     rank = int(os.environ.get("RANK", "0"))

@@ -212,16 +212,18 @@ def test_bad_launcher_environment_is_a_user_error(monkeypatch):
 
 def test_global_batch_not_divisible_by_world_size(tmp_path, capsys, monkeypatch):
     # the layout torchrun would give rank 0 of 2, without starting a process group
-    monkeypatch.setattr(comm, "init_distributed", lambda device: comm.DistEnv(torch.device("cpu"), 0, 0, 2))
+    monkeypatch.setattr(train_entry, "init_distributed", lambda device: comm.DistEnv(torch.device("cpu"), 0, 0, 2))
     assert train_entry.main([*TRAIN, "--batch_size", "7", "--root_dir", str(tmp_path),
                              "--output_dir", str(tmp_path)]) == 2
     assert "--batch_size 7 (the global batch) is not divisible by the 2 processes" in capsys.readouterr().err
 
 
 def test_unwritable_output_dir_is_a_user_error(tmp_path, capsys):
+    data = str(tmp_path / "data")
+    write_synthetic(data, "CUHK-PEDES", num_ids=12, images_per_id=2, image_size=(64, 32), seed=0)
     blocker = tmp_path / "file"
     blocker.write_text("not a folder")
-    assert train_entry.main([*TRAIN, "--root_dir", str(tmp_path), "--output_dir", str(blocker)]) == 2
+    assert train_entry.main([*TRAIN, "--root_dir", data, "--output_dir", str(blocker)]) == 2
     assert "cannot create the run folder" in capsys.readouterr().err
 
 

@@ -9,10 +9,10 @@ from PIL import Image
 
 import visualize
 from test_search import copy_run, direct_scores, search_argv, tiny_run  # noqa: F401  (tiny_run is a fixture)
-from utils.gallery import load_gallery, load_split
+from processor.gallery import load_gallery, load_split
 from utils.metrics import rank
-from utils.run_loading import load_run_model, open_run
-from utils.visualization import OTHER_COLOUR, SAME_COLOUR, quote, ranking_size
+from processor.run_loading import load_run_model, open_run
+from processor.visualization import OTHER_COLOUR, SAME_COLOUR, quote, ranking_size
 
 
 def colour_pixels(img, colour, tolerance=40):

@@ -19,6 +19,7 @@ from typing import Callable, TypeVar
 
 import torch
 import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
 
 from utils.errors import UserError
 
@@ -186,7 +187,6 @@ def wrap_ddp(model: torch.nn.Module, env: DistEnv) -> torch.nn.Module:
     """
     if not env.distributed:
         return model
-    from torch.nn.parallel import DistributedDataParallel
 
     options: dict = {"device_ids": [env.device.index] if env.device.type == "cuda" else None,
                      "find_unused_parameters": False}

@@ -1,4 +1,4 @@
-"""Reading and writing run configurations (``configs.yaml``) and images.
+"""Reading and writing run configurations (``configs.yaml``).
 
 ``configs.yaml`` is written with plain YAML types only (tuples become lists), and read with a safe loader
 that also understands the one Python-specific tag IRRA's own files contain (``!!python/tuple`` for
@@ -75,9 +75,3 @@ def load_train_configs(path: str) -> EasyDict:
     """Load a run's ``configs.yaml`` (ours or IRRA's) as an ``EasyDict``."""
     return EasyDict(read_yaml(path))
 
-
-def read_image(img_path: str):
-    """Read an image as RGB; a missing or unreadable file is a :class:`UserError` (see ``datasets.bases``)."""
-    from datasets.bases import read_image as _read_image
-
-    return _read_image(img_path)

@@ -87,16 +87,15 @@ class Tokenizer(abc.ABC):
 class ClipBpeTokenizer(Tokenizer):
     """CLIP's byte-level BPE with IRRA's vocabulary: pad 0, ``<|mask|>`` 49405, start 49406, end 49407.
 
-    MLM replaces with ids from ``[1, 49405)``, as IRRA does.
+    MLM replaces with ids from ``[1, 49405)``, as IRRA does. ``bpe`` wraps an existing :class:`SimpleTokenizer`.
     """
 
     name = "clip_bpe"
 
-    def __init__(self, bpe_path: str | os.PathLike | None = None) -> None:
-        self.bpe = SimpleTokenizer(bpe_path)
+    def __init__(self, bpe_path: str | os.PathLike | None = None, bpe: SimpleTokenizer | None = None) -> None:
+        self.bpe = bpe if bpe is not None else SimpleTokenizer(bpe_path)
         enc = self.bpe.encoder
         self._specials = SpecialIds(pad=0, bos=enc[SOT_TOKEN], eos=enc[EOT_TOKEN], mask=enc[MASK_TOKEN])
-        self._bpe_path = bpe_path
 
     @property
     def vocab_size(self) -> int:
@@ -254,6 +253,98 @@ def encode_caption(text: str, tokenizer: Tokenizer, length: int, truncate: bool 
     row = torch.full((length,), special.pad, dtype=torch.long)
     row[: len(tokens)] = torch.tensor(tokens, dtype=torch.long)
     return row
+
+
+#: File name under which :func:`train_sentencepiece` saves its model (the name XLM-R's tokenizer reads).
+SENTENCEPIECE_FILE = HF_TOKENIZER_KINDS["xlmr"][1]
+
+
+def _is_cjk(char: str) -> bool:
+    """Chinese/Japanese/Korean characters and full-width punctuation (text without spaces between words)."""
+    return "\u2e80" <= char <= "\u9fff" or "\uf900" <= char <= "\ufaff" or "\uff00" <= char <= "\uffef"
+
+
+def _spaced_cjk(text: str) -> str:
+    """``text`` with a space on each side of every CJK character."""
+    return "".join(f" {c} " if _is_cjk(c) else c for c in text)
+
+
+def train_sentencepiece(captions: Sequence[str], folder: str | os.PathLike, vocab_size: int = 1000) -> str:
+    """Train a small SentencePiece model on ``captions`` (any languages) and save it where ``load_hf_tokenizer``
+    reads an XLM-R tokenizer: ``folder/sentencepiece.bpe.model``.
+
+    The model is a unigram model like XLM-R's (``unk`` 0, ``<s>`` 1, ``</s>`` 2, no padding piece, NFKC
+    normalisation), with every character of the captions in its vocabulary. Its candidate pieces are the
+    space-separated words of the captions, and every Chinese (CJK) character is a word of its own: on a small
+    corpus SentencePiece's own candidates split English words into letters and pairs, and glue whole template
+    clauses of Chinese into single pieces. So English encodes mostly word by word and Chinese character by
+    character. ``vocab_size`` is an upper bound: a small text supports fewer pieces and gets fewer. Training
+    runs on one thread, so the same captions give the same file. Loaded with ``load_hf_tokenizer("xlmr",
+    folder)`` it has ``pieces + 2`` ids: ``<s>`` 0, ``<pad>`` 1, ``</s>`` 2, ``<unk>`` 3, the pieces, and
+    ``<mask>`` last.
+
+    Returns:
+        ``folder`` (created if needed).
+
+    Raises:
+        UserError: no non-empty caption, ``vocab_size`` below the number of distinct characters plus 3, or the
+            ``sentencepiece`` or ``protobuf`` package is missing.
+    """
+    texts = [" ".join(_spaced_cjk(c).split()) for c in captions if c.strip()]
+    if not texts:
+        raise UserError("cannot train a SentencePiece tokenizer: no non-empty caption was given")
+    try:  # optional dependencies: only the SentencePiece tokenizers need them
+        import sentencepiece
+        from sentencepiece import sentencepiece_model_pb2
+    except ImportError:
+        raise UserError("training a SentencePiece tokenizer needs the sentencepiece and protobuf packages: "
+                        "pip install sentencepiece protobuf") from None
+    os.makedirs(folder, exist_ok=True)
+    path = os.path.join(folder, SENTENCEPIECE_FILE)
+    partial, seeds = path + ".partial", path + ".seeds"
+    with open(seeds, "w", encoding="utf-8") as handle:  # piece <tab> score, most frequent first
+        for piece, count in sorted(_seed_pieces(texts).items(), key=lambda item: (-item[1], item[0])):
+            handle.write(f"{piece}\t{count}\n")
+    try:
+        with open(partial, "wb") as handle:
+            sentencepiece.SentencePieceTrainer.train(
+                sentence_iterator=iter(texts), model_writer=handle, model_type="unigram",
+                vocab_size=int(vocab_size), hard_vocab_limit=False, character_coverage=1.0,
+                seed_sentencepieces_file=seeds, unk_id=0, bos_id=1, eos_id=2, pad_id=-1, num_threads=1,
+                minloglevel=2,
+            )
+    except RuntimeError as err:
+        os.remove(partial)
+        first_line = str(err).splitlines()[0]
+        raise UserError(f"cannot train a SentencePiece tokenizer with vocab_size {vocab_size} on {len(texts)} "
+                        f"captions; it needs one id per distinct character plus 3 ({first_line})") from None
+    finally:
+        os.remove(seeds)
+    model = sentencepiece_model_pb2.ModelProto()
+    with open(partial, "rb") as handle:
+        model.ParseFromString(handle.read())
+    model.trainer_spec.seed_sentencepieces_file = ""  # a temporary path: equal captions must give equal bytes
+    with open(partial, "wb") as handle:
+        handle.write(model.SerializeToString())
+    os.replace(partial, path)
+    return os.fspath(folder)
+
+
+def _seed_pieces(texts: Sequence[str]) -> dict[str, int]:
+    """Candidate pieces and their counts: each space-separated word split where it changes between letters or
+    digits and other characters (SentencePiece never lets a piece cross such a border), ``▁`` marking a word's
+    start; pieces longer than SentencePiece's limit (16) are left out."""
+    counts: dict[str, int] = {}
+    for text in texts:
+        for word in text.split():
+            start = 0
+            for end in range(1, len(word) + 1):
+                if end == len(word) or word[end].isalnum() != word[end - 1].isalnum():
+                    piece = ("\u2581" if start == 0 else "") + word[start:end]
+                    if len(piece) <= 16:
+                        counts[piece] = counts.get(piece, 0) + 1
+                    start = end
+    return counts
 
 
 #: The special tokens of a WordPiece vocabulary built here, in id order.

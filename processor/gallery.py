@@ -29,8 +29,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from datasets import ImageDataset, build_dataset, tokenize_captions
+from datasets.build import make_loader
+from processor.run_loading import RunHandle
 from utils.errors import UserError
-from utils.run_loading import RunHandle
 
 logger = logging.getLogger(__name__)
 
@@ -62,8 +64,6 @@ def load_split(args, split: str) -> dict[str, list]:
     Raises:
         UserError: unknown split, a dataset without that split, or the dataset cannot be read.
     """
-    from datasets import build_dataset
-
     if split not in SPLITS:
         raise UserError(f"--split must be one of {', '.join(SPLITS)}, got {split!r}")
     dataset = build_dataset(args.dataset_name, args.root_dir, verbose=False)
@@ -96,7 +96,7 @@ def cache_key(run: RunHandle, split: str, pids: Sequence[int], paths: Sequence[s
         "num_images": len(paths),
         "dataset_name": str(args.dataset_name),
         "split": split,
-        "model": str(getattr(args, "model", None) or "irra"),
+        "model": run.method.name,
         "img_size": [int(v) for v in args.img_size],
         "precision": str(args.precision),
     }
@@ -144,10 +144,7 @@ def _write_cache(path: str, key: dict[str, Any], feats: torch.Tensor) -> None:
 
 def encode_images(model: nn.Module, run: RunHandle, paths: Sequence[str]) -> torch.Tensor:
     """``[G, D]`` float32 L2-normalised embeddings of the image files, on the CPU (the test transform)."""
-    from datasets import ImageDataset, build_transforms
-    from datasets.build import make_loader
-
-    dataset = ImageDataset([0] * len(paths), paths, build_transforms(run.args.img_size, is_train=False))
+    dataset = ImageDataset([0] * len(paths), paths, run.test_transform())
     loader = make_loader(dataset, run.args.test_batch_size, run.args.num_workers,
                          pin_memory=run.device.type == "cuda", seed=0)
     feats = []
@@ -163,10 +160,7 @@ def encode_captions(model: nn.Module, run: RunHandle, captions: Sequence[str]) -
 
     Captions longer than the run's ``text_length`` are cut (as in training) with a warning.
     """
-    from datasets import tokenize_captions
-    from utils.simple_tokenizer import SimpleTokenizer
-
-    tokenizer = SimpleTokenizer()
+    tokenizer = run.tokenizer()
     length = run.args.text_length
     for caption in captions:
         tokens = len(tokenizer.encode(caption)) + 2
@@ -188,7 +182,7 @@ def load_gallery(model: nn.Module, run: RunHandle, split: str, data: dict[str, l
     """The split's gallery with its embeddings: from the cache when it is current, else encoded (and cached).
 
     Args:
-        model: the run's model (see :func:`utils.run_loading.load_run_model`).
+        model: the run's model (see :func:`processor.run_loading.load_run_model`).
         run: the opened run.
         split: ``'test'`` or ``'val'``, part of the cache's name and key.
         data: the split (see :func:`load_split`).

@@ -14,6 +14,11 @@ import textwrap
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import numpy as np
+
+from datasets import read_image
+from utils.errors import UserError
+
 logger = logging.getLogger(__name__)
 
 DPI = 100
@@ -55,8 +60,6 @@ class TileGroup:
 
 def check_picture_path(out: str, flag: str = "--out") -> None:
     """Pictures are PNG files: refuse another extension before any work is done (empty = the default)."""
-    from utils.errors import UserError
-
     if out and os.path.splitext(out)[1].lower() != ".png":
         raise UserError(f"{flag} {out} must name a .png file")
 
@@ -111,10 +114,6 @@ def ranking_size(title: str, groups: Sequence[TileGroup], subtitle: str = "") ->
 
 def _draw_tile(fig, tile: Tile, box: tuple[float, float, float, float], label_y: float) -> None:
     """Image of ``tile`` in ``box`` (figure fractions, bottom-anchored, aspect kept), label centred under it."""
-    import numpy as np
-
-    from datasets.bases import read_image
-
     ax = fig.add_axes(box)
     ax.imshow(np.asarray(read_image(tile.path)), interpolation="antialiased")
     ax.set_anchor("S")
@@ -142,6 +141,7 @@ def draw_ranking(out_path: str, title: str, groups: Sequence[TileGroup], subtitl
     Raises:
         UserError: an image file is missing or unreadable.
     """
+    # matplotlib takes about a second to import: only the tools that draw pay for it.
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
