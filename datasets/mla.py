@@ -23,7 +23,9 @@ from typing import Any
 
 import torch
 from PIL import Image
+from torch.utils.data import Dataset, get_worker_info
 
+from datasets.bases import TrainSample, read_image
 from datasets.transforms import build_ivt_transforms
 from utils.errors import UserError
 from utils.tokenizers import Tokenizer, encode_caption
@@ -182,9 +184,56 @@ class MultiLevelItem:
         return {"images": images, "caption_ids": ids, "pids": pid, "image_ids": image_id}
 
 
+class MultiLevelDataset(Dataset):
+    """IVT's training set: one item per caption, built by ``make_item`` (a :class:`MultiLevelItem`).
+
+    Each process and DataLoader worker draws the caption levels from its own ``torch.Generator``: seeded with
+    ``seed`` in the main process, with the worker's seed in a worker (which the DataLoader derives from its own
+    seeded generator), so a run is reproducible from its seed.
+
+    Args:
+        samples: ``(pid, image_id, img_path, caption)`` tuples (``build_dataset(...).train``).
+        make_item: ``(image, caption, pid, image_id, generator) -> dict``.
+        seed: seed of the main process's generator.
+    """
+
+    def __init__(self, samples: Sequence[TrainSample], make_item: Callable[..., dict], seed: int = 0) -> None:
+        self.samples = list(samples)
+        self.pids = [sample[0] for sample in self.samples]
+        self.make_item = make_item
+        self.seed = seed
+        self._rng: torch.Generator | None = None
+        self._owner: tuple | None = None
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def _generator(self) -> torch.Generator:
+        info = get_worker_info()
+        owner = (os.getpid(), None if info is None else (info.id, info.seed))
+        if self._rng is None or self._owner != owner:
+            self._rng = torch.Generator().manual_seed(self.seed if info is None else info.seed)
+            self._owner = owner
+        return self._rng
+
+    def __getitem__(self, index: int) -> dict:
+        pid, image_id, path, caption = self.samples[index]
+        return self.make_item(read_image(path), caption, pid, image_id, self._generator())
+
+
 def build_mla_item(args, tokenizer: Tokenizer) -> MultiLevelItem:
-    """IVT's training item function from the argument namespace (``--img_size``, ``--text_length``,
-    ``--attribute_file``)."""
+    """IVT's training item function from the options (``--img_size``, ``--text_length``, ``--attribute_file``)."""
     attributes = read_attribute_file(args.attribute_file) if args.attribute_file else None
     return MultiLevelItem(build_ivt_transforms(tuple(args.img_size), is_train=True), tokenizer, args.text_length,
                           attributes)
+
+
+def build_ivt_train_set(args, samples: Sequence[TrainSample], tokenizer: Tokenizer, seed: int) -> MultiLevelDataset:
+    """IVT's training pipeline (the registry's ``build_train_set``): :class:`MultiLevelDataset` of
+    :func:`build_mla_item`."""
+    return MultiLevelDataset(samples, build_mla_item(args, tokenizer), seed)
+
+
+def build_ivt_test_transform(args):
+    """IVT's evaluation transform (the registry's ``build_test_transform``): resize, normalise with 0.5/0.5."""
+    return build_ivt_transforms(tuple(args.img_size), is_train=False)

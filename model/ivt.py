@@ -30,12 +30,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from datasets.mla import build_ivt_test_transform, build_ivt_train_set
+from datasets.pedes import build_dataset
 from model import ivt_weights
+from model.registry import Method
 from model.objectives import compute_cmpm
 from solver.build import LrRule
 from utils.comm import all_gather_no_grad, all_gather_with_grad
 from utils.errors import UserError
-from utils.tokenizers import HuggingFaceTokenizer, Tokenizer, build_wordpiece_vocab, load_hf_tokenizer
+from utils.options import non_negative_float, positive_int
+from utils.tokenizers import HuggingFaceTokenizer, build_wordpiece_vocab, load_hf_tokenizer
 
 if TYPE_CHECKING:
     from transformers import BertConfig
@@ -356,7 +360,8 @@ class IVTCriterion(nn.Module):
 
     def forward(self, outputs: Mapping[str, torch.Tensor],
                 batch: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """outputs: ``image_feats``, ``text_feats`` ``[N, D]`` and ``pids`` ``[N]`` of :meth:`IVT.forward`; batch unused."""
+        """outputs: ``image_feats``, ``text_feats`` ``[N, D]`` and ``pids`` ``[N]`` of :meth:`IVT.forward` (the batch
+        is not needed)."""
         image, text, pids = outputs["image_feats"], outputs["text_feats"], outputs["pids"]
         all_image, all_text = all_gather_with_grad(image), all_gather_with_grad(text)
         all_pids = all_gather_no_grad(pids)
@@ -370,21 +375,22 @@ class IVTCriterion(nn.Module):
         return {"cmpm_loss": loss, "pos_sim": pos, "neg_sim": neg}
 
 
-def ivt_lr_rules(bias_lr_factor: float) -> list[LrRule]:
-    """IVT's optimizer groups: biases (every parameter whose name contains ``bias``) at ``lr * bias_lr_factor``
+def ivt_lr_rules(args) -> list[LrRule]:
+    """IVT's optimizer groups: biases (every parameter whose name contains ``bias``) at ``lr * --bias_lr_factor``
     (2 in the released recipe), everything else at ``lr``."""
-    return [(("bias",), bias_lr_factor)]
+    return [(("bias",), args.bias_lr_factor)]
 
 
 # -- command line ------------------------------------------------------------------------------------------------
 
 def add_ivt_arguments(group) -> None:
     """IVT's own flags (an argparse group). Shared flags it reads: --img_size, --stride_size, --text_length."""
-    group.add_argument("--ivt_width", type=int, default=768, help="IVT: transformer width (768 = ViT-B)")
-    group.add_argument("--ivt_depth", type=int, default=12, help="IVT: transformer blocks")
-    group.add_argument("--ivt_heads", type=int, default=12, help="IVT: attention heads")
-    group.add_argument("--drop_path", type=float, default=0.1, help="IVT: stochastic depth of the last block")
-    group.add_argument("--bmm_ratio", type=float, default=0.2,
+    group.add_argument("--ivt_width", type=positive_int, default=768, help="IVT: transformer width (768 = ViT-B)")
+    group.add_argument("--ivt_depth", type=positive_int, default=12, help="IVT: transformer blocks")
+    group.add_argument("--ivt_heads", type=positive_int, default=12, help="IVT: attention heads")
+    group.add_argument("--drop_path", type=non_negative_float, default=0.1,
+                       help="IVT: stochastic depth of the last block")
+    group.add_argument("--bmm_ratio", type=non_negative_float, default=0.2,
                        help="IVT: bidirectional mask modelling drops up to this share of tokens (0 = off)")
     group.add_argument("--vit_weights", default="",
                        help="IVT: timm ViT-B/16 weights file (vit_base_patch16_224.orig_in21k_ft_in1k: "
@@ -397,15 +403,16 @@ def add_ivt_arguments(group) -> None:
     group.add_argument("--tokenizer_dir", default="",
                        help="folder with the WordPiece vocab.txt (default: --bert_weights' folder, else a vocabulary "
                             "built from the training captions)")
-    group.add_argument("--wordpiece_vocab_size", type=int, default=2000,
+    group.add_argument("--wordpiece_vocab_size", type=positive_int, default=2000,
                        help="IVT: size of the WordPiece vocabulary built from the captions when no tokenizer is given")
     group.add_argument("--attribute_file", default="",
                        help="IVT: CUHK-PEDES attribute JSON for the word level (cuhk_pedes_att.json of the released "
                             "code); without it words are comma fragments, as on ICFG-PEDES/RSTPReid")
 
 
-def check_ivt_arguments(args) -> None:
-    """Check IVT's flags (values and that the named files exist); raises :class:`UserError` naming the flag."""
+def check_ivt_arguments(args, losses: Sequence[str] = ()) -> None:
+    """Check IVT's flags (values and that the named files exist); raises :class:`UserError` naming the flag.
+    ``losses`` (the parsed --loss_names) needs no check: ``cmpm`` is IVT's only term."""
     if not 0.0 <= args.bmm_ratio < 1.0:
         raise UserError(f"--bmm_ratio must lie in [0, 1), got {args.bmm_ratio}.")
     if not 0.0 <= args.drop_path < 1.0:
@@ -425,9 +432,9 @@ def check_ivt_arguments(args) -> None:
             raise UserError(f"{flag} {path}: no such {kind}; {ivt_weights.DOWNLOAD_HINTS[flag]}")
 
 
-def _config_from_args(args, vocab_size: int, pad_id: int = 0, bert: BertConfig | None = None) -> IVTConfig:
+def _config_from_args(args, vocab_size: int, bert: BertConfig | None = None) -> IVTConfig:
     fields = dict(width=args.ivt_width, depth=args.ivt_depth, heads=args.ivt_heads, stride=args.stride_size,
-                  img_size=tuple(args.img_size), drop_path=args.drop_path, vocab_size=vocab_size, pad_id=pad_id)
+                  img_size=tuple(args.img_size), drop_path=args.drop_path, vocab_size=vocab_size)
     if bert is not None:
         fields.update(vocab_size=bert.vocab_size, max_text_positions=bert.max_position_embeddings,
                       type_vocab_size=bert.type_vocab_size, text_eps=bert.layer_norm_eps,
@@ -435,33 +442,77 @@ def _config_from_args(args, vocab_size: int, pad_id: int = 0, bert: BertConfig |
     return IVTConfig(**fields)
 
 
-def build_ivt_model(args, num_classes: int = 0, tokenizer: Tokenizer | None = None,
-                    initial_weights: bool = True) -> IVT:
-    """IVT from the argument namespace (``num_classes`` is unused: IVT has no identity classifier).
+def config_from_state_dict(state: Mapping[str, torch.Tensor], args) -> IVTConfig:
+    """The architecture of saved IVT weights (our key layout): sizes read from the tensors; heads, stride, image
+    size and drop path from the run's options (``--ivt_heads``, ``--stride_size``, ``--img_size``, ``--drop_path``).
 
-    Args:
-        tokenizer: the run's tokenizer (:func:`build_ivt_tokenizer`): the text embeddings get its size and padding
-            id. None = BERT's (``--bert_weights``), else bert-base-uncased's (30522 ids, padding 0).
-        initial_weights: load ``--vit_weights``, ``--bert_weights`` and ``--ivt_checkpoint`` (False when the
-            weights come from a run's checkpoint afterwards, e.g. in test.py).
+    Raises:
+        UserError: the weights are not IVT's, or their position embedding does not fit the options' patch grid.
+    """
+    prefix = "encoder_vl."
+    needed = ("cls_token", "pos_embed", "patch_embed.proj.weight", "embeddings.word_embeddings.weight",
+              "embeddings.position_embeddings.weight", "embeddings.token_type_embeddings.weight",
+              "blocks.0.mlp_vis.fc1.weight")
+    absent = [prefix + key for key in needed if prefix + key not in state]
+    if absent:
+        raise UserError(f"the checkpoint lacks {', '.join(absent[:3])}: it does not hold IVT weights.")
+    width = state[prefix + "cls_token"].shape[-1]
+    depth = len({key.split(".")[2] for key in state if key.startswith(prefix + "blocks.")})
+    config = IVTConfig(
+        width=width, depth=depth, heads=args.ivt_heads,
+        mlp_ratio=state[prefix + "blocks.0.mlp_vis.fc1.weight"].shape[0] / width,
+        patch_size=state[prefix + "patch_embed.proj.weight"].shape[-1], stride=args.stride_size,
+        img_size=tuple(args.img_size), drop_path=args.drop_path,
+        vocab_size=state[prefix + "embeddings.word_embeddings.weight"].shape[0],
+        max_text_positions=state[prefix + "embeddings.position_embeddings.weight"].shape[0],
+        type_vocab_size=state[prefix + "embeddings.token_type_embeddings.weight"].shape[0])
+    tokens = state[prefix + "pos_embed"].shape[1]
+    if tokens != config.num_patches + 1:
+        raise UserError(f"the checkpoint's position embedding has {tokens} entries but --img_size {config.img_size} "
+                        f"with --stride_size {config.stride} gives {config.num_patches + 1}; use the stride and "
+                        f"image size it was trained with (12 on CUHK-PEDES/ICFG-PEDES, 16 on RSTPReid).")
+    return config
+
+
+def text_vocab_size(args, bert: BertConfig | None = None) -> int:
+    """Rows of the word-embedding table: BERT's vocabulary (``--bert_weights``), the ``--tokenizer_dir`` vocabulary,
+    bert-base-uncased's 30522 for ``--ivt_checkpoint``, else ``--wordpiece_vocab_size`` (the most ids a vocabulary
+    built from the captions can have; rows it does not use are never looked up).
+
+    Raises:
+        UserError: ``--tokenizer_dir`` and ``--bert_weights`` disagree.
+    """
+    if args.tokenizer_dir:
+        size = load_hf_tokenizer("wordpiece", args.tokenizer_dir).vocab_size
+        if bert is not None and size != bert.vocab_size:
+            raise UserError(f"--tokenizer_dir {args.tokenizer_dir} has {size} ids but the BERT weights in "
+                            f"{args.bert_weights} have {bert.vocab_size}; use BERT's own vocab.txt.")
+        return size
+    if bert is not None:
+        return bert.vocab_size
+    return 30522 if args.ivt_checkpoint else args.wordpiece_vocab_size
+
+
+def build_ivt_model(args, num_classes: int = 0, weights: Mapping[str, torch.Tensor] | None = None) -> IVT:
+    """IVT from the options (``num_classes`` is unused: IVT has no identity classifier).
+
+    Training (``weights`` None): sizes from the options and ``--bert_weights``' config; then ``--vit_weights``,
+    ``--bert_weights`` and ``--ivt_checkpoint`` are loaded in that order (the released start). Evaluation
+    (``weights`` = the run's state dict): the architecture is read from the weights (:func:`config_from_state_dict`)
+    and nothing pretrained is loaded.
 
     Raises:
         UserError: impossible sizes, a missing or mismatching weights file, or a tokenizer that is not BERT's
             when BERT's weights are loaded.
     """
-    vocab_size, pad_id = (tokenizer.vocab_size, tokenizer.specials.pad) if tokenizer is not None else (30522, 0)
-    bert = None
-    if initial_weights and args.bert_weights:
-        bert = ivt_weights.read_bert_folder(args.bert_weights)
-        if tokenizer is not None and (vocab_size, pad_id) != (bert.config.vocab_size, bert.config.pad_token_id):
-            raise UserError(f"the tokenizer has {vocab_size} ids (padding {pad_id}) but the BERT weights in "
-                            f"{args.bert_weights} have {bert.config.vocab_size} (padding {bert.config.pad_token_id});"
-                            f" use BERT's own vocab.txt (--tokenizer_dir {args.bert_weights}).")
-    config = _config_from_args(args, vocab_size, pad_id, bert.config if bert is not None else None)
+    if weights is not None:
+        return IVT(config_from_state_dict(weights, args), bmm_ratio=args.bmm_ratio)
+    bert = ivt_weights.read_bert_folder(args.bert_weights) if args.bert_weights else None
+    config = _config_from_args(args, text_vocab_size(args, bert.config if bert is not None else None),
+                               bert.config if bert is not None else None)
     model = IVT(config, bmm_ratio=args.bmm_ratio)
-    if initial_weights:
-        ivt_weights.load_initial_weights(model, config.grid, vit_file=args.vit_weights, bert=bert,
-                                         ivt_file=args.ivt_checkpoint)
+    ivt_weights.load_initial_weights(model, config.grid, vit_file=args.vit_weights, bert=bert,
+                                     ivt_file=args.ivt_checkpoint)
     return model
 
 
@@ -485,22 +536,27 @@ def captions_vocab_folder(captions: Sequence[str], vocab_size: int, cache_root: 
     return os.path.join(cache_root, f"ivt-wordpiece-{digest.hexdigest()[:16]}")
 
 
-def build_ivt_tokenizer(args, captions: Sequence[str]) -> HuggingFaceTokenizer:
+def build_ivt_tokenizer(args, captions: Sequence[str] | None = None) -> HuggingFaceTokenizer:
     """IVT's uncased WordPiece tokenizer: ``--tokenizer_dir``; else the ``vocab.txt`` of ``--bert_weights``; else a
-    vocabulary of ``--wordpiece_vocab_size`` built from the training ``captions``, cached under
-    ``--cache_dir`` (when the parser has it) or :func:`default_cache_root`.
+    vocabulary of at most ``--wordpiece_vocab_size`` ids built from the training ``captions`` (when None, as in
+    evaluation, they are read from ``--dataset_name`` under ``--root_dir``), kept in a cache folder keyed by their
+    hash under ``--cache_dir`` (when the parser has that flag) or :func:`default_cache_root`.
 
     Raises:
-        UserError: a folder without ``vocab.txt``; no captions to build from; a released IVT checkpoint
-            (``--ivt_checkpoint``) without BERT's vocabulary.
+        UserError: a folder without ``vocab.txt``; a vocabulary whose padding id is not 0; no captions to build
+            from; a released IVT checkpoint (``--ivt_checkpoint``) without BERT's vocabulary.
     """
-    if args.tokenizer_dir:
-        return load_hf_tokenizer("wordpiece", args.tokenizer_dir)
-    if args.bert_weights:
-        return load_hf_tokenizer("wordpiece", args.bert_weights)
+    if args.tokenizer_dir or args.bert_weights:
+        tokenizer = load_hf_tokenizer("wordpiece", args.tokenizer_dir or args.bert_weights)
+        if tokenizer.specials.pad != 0:
+            raise UserError(f"the WordPiece vocabulary in {args.tokenizer_dir or args.bert_weights} has [PAD] at id "
+                            f"{tokenizer.specials.pad}; IVT's text embeddings expect it at 0 (BERT's layout).")
+        return tokenizer
     if args.ivt_checkpoint:
         raise UserError("--ivt_checkpoint needs BERT's uncased vocabulary: pass --tokenizer_dir (or --bert_weights) "
                         "with bert-base-uncased's vocab.txt.")
+    if captions is None:
+        captions = [sample[3] for sample in build_dataset(args.dataset_name, args.root_dir, verbose=False).train]
     if not captions:
         raise UserError("no training captions to build IVT's WordPiece vocabulary from; pass --tokenizer_dir.")
     cache_root = getattr(args, "cache_dir", "") or default_cache_root()  # --cache_dir is a shared flag, if present
@@ -510,3 +566,24 @@ def build_ivt_tokenizer(args, captions: Sequence[str]) -> HuggingFaceTokenizer:
                     args.wordpiece_vocab_size, len(captions), folder)
         build_wordpiece_vocab(sorted(set(captions)), folder, args.wordpiece_vocab_size)
     return load_hf_tokenizer("wordpiece", folder)
+
+
+def ivt_method() -> Method:
+    """IVT's declaration for the method registry (no side effect): ``register_method(ivt_method())`` makes
+    ``--model ivt`` with its flags, tokenizer, training set, test transform and released-checkpoint layout."""
+    return Method(
+        name="ivt",
+        summary="one shared ViT for images and text, multi-level alignment, CMPM",
+        losses=IVT_LOSS_NAMES,
+        default_losses="cmpm",
+        build_model=build_ivt_model,
+        build_criterion=build_ivt_criterion,
+        build_tokenizer=build_ivt_tokenizer,
+        lr_rules=ivt_lr_rules,
+        add_arguments=add_ivt_arguments,
+        check_arguments=check_ivt_arguments,
+        build_train_set=build_ivt_train_set,
+        build_test_transform=build_ivt_test_transform,
+        recognise_checkpoint=ivt_weights.is_ivt_released_state,
+        convert_checkpoint=ivt_weights.convert_ivt_state_dict,
+    )

@@ -3,21 +3,28 @@ vocabulary built from captions, and the IVT flags."""
 import argparse
 import json
 import os
+import re
+from collections import Counter
 
 import pytest
 import torch
 from PIL import Image
 
 from datasets.mla import (
+    MultiLevelDataset,
     MultiLevelItem,
+    build_ivt_test_transform,
+    build_ivt_train_set,
     build_mla_item,
     caption_levels,
     comma_fragments,
     phrase_candidates,
     read_attribute_file,
 )
+from datasets.pedes import build_dataset
+from datasets.synthetic import write_synthetic
 from datasets.transforms import build_ivt_transforms
-from model.ivt import add_ivt_arguments, build_ivt_tokenizer, check_ivt_arguments
+from model.ivt import IVTCriterion, add_ivt_arguments, build_ivt_model, build_ivt_tokenizer, check_ivt_arguments
 from utils.errors import UserError
 from utils.tokenizers import build_wordpiece_vocab, encode_caption, load_hf_tokenizer
 
@@ -119,9 +126,25 @@ def test_wordpiece_vocabulary_from_captions(vocab_folder):
     assert row[0] == special.bos and special.eos in row.tolist() and row[-1] == special.pad
 
 
+def test_wordpiece_vocabulary_is_a_function_of_the_captions(tmp_path, vocab_folder):
+    # Rebuilt for evaluation, the vocabulary must be the training one: same words, same ids, whatever the order.
+    again = build_wordpiece_vocab(list(reversed(CAPTIONS * 3)), str(tmp_path / "again"), vocab_size=120)
+    first = open(os.path.join(vocab_folder, "vocab.txt"), encoding="utf-8").read()
+    assert open(os.path.join(again, "vocab.txt"), encoding="utf-8").read() == first
+    lines = first.splitlines()
+    # For these ASCII captions BERT's word split is: runs of letters, and every other visible character alone.
+    words = re.findall(r"[a-z]+|[^\sa-z]", " ".join(CAPTIONS).lower())
+    chars = sorted(set("".join(words)))
+    assert lines[5:5 + len(chars)] == chars and lines[5 + len(chars):5 + 2 * len(chars)] == ["##" + c for c in chars]
+    counts = Counter(w for w in words if len(w) > 1)
+    assert lines[5 + 2 * len(chars):] == sorted(counts, key=lambda w: (-counts[w], w))  # most frequent first
+    tok = load_hf_tokenizer("wordpiece", vocab_folder)
+    assert len(tok.encode("woman")) == 1 and len(tok.encode("shirtless")) > 1
+
+
 def test_wordpiece_vocabulary_bad_input(tmp_path):
-    with pytest.raises(UserError, match="more than 5 ids"):
-        build_wordpiece_vocab(CAPTIONS, str(tmp_path), vocab_size=5)
+    with pytest.raises(UserError, match="needs at least"):
+        build_wordpiece_vocab(CAPTIONS, str(tmp_path), vocab_size=20)
     with pytest.raises(UserError, match="no caption text"):
         build_wordpiece_vocab(["", "  "], str(tmp_path), vocab_size=50)
 
@@ -131,7 +154,15 @@ def ivt_args(tmp_path, *argv):
     add_ivt_arguments(parser.add_argument_group("ivt"))
     args = parser.parse_args(list(argv))
     args.img_size, args.stride_size, args.text_length, args.cache_dir = [32, 16], 8, 16, str(tmp_path / "cache")
+    args.dataset_name, args.root_dir, args.bias_lr_factor = "CUHK-PEDES", str(tmp_path / "data"), 2.0
     return args
+
+
+@pytest.fixture(scope="module")
+def synthetic_root(tmp_path_factory):
+    root = tmp_path_factory.mktemp("ivt_data")
+    write_synthetic(root / "data", "CUHK-PEDES", num_ids=12, images_per_id=2, image_size=(40, 20), seed=0)
+    return root
 
 
 def test_build_ivt_tokenizer_caches_the_caption_vocabulary(tmp_path, vocab_folder):
@@ -150,6 +181,33 @@ def test_build_ivt_tokenizer_caches_the_caption_vocabulary(tmp_path, vocab_folde
         build_ivt_tokenizer(ivt_args(tmp_path, "--ivt_checkpoint", "x.pth"), CAPTIONS)
     with pytest.raises(UserError, match="no training captions"):
         build_ivt_tokenizer(args, [])
+
+
+def test_evaluation_finds_the_vocabulary_of_the_training_captions(synthetic_root):
+    # test.py builds the tokenizer without captions: they are read from the dataset, giving the same vocabulary.
+    args = ivt_args(synthetic_root, "--wordpiece_vocab_size", "200")
+    captions = [sample[3] for sample in build_dataset("CUHK-PEDES", args.root_dir, verbose=False).train]
+    trained = build_ivt_tokenizer(args, captions)
+    assert build_ivt_tokenizer(args, None).fingerprint() == trained.fingerprint()
+
+
+def test_training_set_batches_feed_the_model(synthetic_root):
+    args = ivt_args(synthetic_root, "--ivt_width", "32", "--ivt_depth", "1", "--ivt_heads", "2",
+                    "--wordpiece_vocab_size", "200")
+    samples = build_dataset("CUHK-PEDES", args.root_dir, verbose=False).train
+    tokenizer = build_ivt_tokenizer(args, [sample[3] for sample in samples])
+    train_set = build_ivt_train_set(args, samples, tokenizer, seed=3)
+    assert isinstance(train_set, MultiLevelDataset) and len(train_set) == len(samples)
+    assert torch.equal(train_set[5]["caption_ids"], build_ivt_train_set(args, samples, tokenizer, 3)[5]["caption_ids"])
+    batch = next(iter(torch.utils.data.DataLoader(train_set, batch_size=4)))
+    assert batch["images"].shape == (4, 3, 3, 32, 16) and batch["caption_ids"].shape == (4, 3, 16)
+    model = build_ivt_model(args)
+    assert model.config.vocab_size == 200 >= tokenizer.vocab_size
+    losses = IVTCriterion()(model(batch), batch)
+    losses["cmpm_loss"].backward()
+    assert torch.isfinite(losses["cmpm_loss"]) and model.encoder_vl.cls_token.grad is not None
+    image = build_ivt_test_transform(args)(Image.open(samples[0][2]))
+    assert image.shape == (3, 32, 16)
 
 
 def test_ivt_transforms():
@@ -183,8 +241,8 @@ def test_multi_level_item(tmp_path, vocab_folder):
 
 
 def test_check_ivt_arguments(tmp_path):
-    check_ivt_arguments(ivt_args(tmp_path))
-    for argv, message in [(["--bmm_ratio", "1"], "--bmm_ratio"), (["--drop_path", "-0.1"], "--drop_path"),
+    check_ivt_arguments(ivt_args(tmp_path), ["cmpm"])
+    for argv, message in [(["--bmm_ratio", "1"], "--bmm_ratio"), (["--drop_path", "1.0"], "--drop_path"),
                           (["--ivt_width", "30", "--ivt_heads", "4"], "multiple of --ivt_heads"),
                           (["--wordpiece_vocab_size", "3"], "--wordpiece_vocab_size"),
                           (["--vit_weights", str(tmp_path / "vit.pth")], "vit_base_patch16_224.orig_in21k_ft_in1k"),

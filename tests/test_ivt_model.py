@@ -1,4 +1,5 @@
 """IVT's shared encoder: shapes, padding mask, bidirectional mask modelling, training on a batch, save -> load."""
+import argparse
 import math
 
 import pytest
@@ -208,8 +209,9 @@ def test_save_load_gives_identical_features(tmp_path):
 
 
 def test_lr_rules_give_biases_twice_the_rate():
+    rules = ivt_lr_rules(argparse.Namespace(bias_lr_factor=2.0))
     groups = {g["name"]: g for g in make_param_groups(tiny_model(), lr=0.005, weight_decay=1e-4,
-                                                      weight_decay_bias=1e-4, rules=ivt_lr_rules(2.0))}
+                                                      weight_decay_bias=1e-4, rules=rules)}
     assert groups["encoder_vl.blocks.0.attn.qkv.bias"]["lr"] == pytest.approx(0.01)
     assert groups["encoder_vl.embeddings.LayerNorm.bias"]["lr"] == pytest.approx(0.01)
     assert groups["encoder_vl.blocks.1.mlp_txt.fc2.weight"]["lr"] == pytest.approx(0.005)

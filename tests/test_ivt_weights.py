@@ -158,27 +158,45 @@ def test_bert_pretraining_layout_maps_the_same(tmp_path):
     assert len(plain) == 5 + 4 * DEPTH  # embeddings (3 tables + LayerNorm) and fc1/fc2 per layer
 
 
+def ivt_args(*argv, img_size=(40, 24), stride=6):
+    parser = argparse.ArgumentParser()
+    add_ivt_arguments(parser.add_argument_group("ivt"))
+    args = parser.parse_args(["--ivt_width", str(WIDTH), "--ivt_depth", str(DEPTH), "--ivt_heads", str(HEADS), *argv])
+    args.img_size, args.stride_size, args.text_length = img_size, stride, 16
+    return args
+
+
 def test_build_ivt_model_from_weight_files(tmp_path):
     vit, bert = tiny_vit(), tiny_bert(max_position_embeddings=30)
     torch.save({"model": vit.state_dict()}, tmp_path / "vit.pth")
     bert.save_pretrained(tmp_path / "bert")
-    parser = argparse.ArgumentParser()
-    add_ivt_arguments(parser.add_argument_group("ivt"))
-    args = parser.parse_args(["--ivt_width", str(WIDTH), "--ivt_depth", str(DEPTH), "--ivt_heads", str(HEADS),
-                              "--vit_weights", str(tmp_path / "vit.pth"), "--bert_weights", str(tmp_path / "bert")])
-    args.img_size, args.stride_size, args.text_length = (40, 24), 6, 16
-    # A patch size of 8 is not a flag (IVT is ViT-B/16): build the 16-pixel version and expect the mismatch.
+    args = ivt_args("--vit_weights", str(tmp_path / "vit.pth"), "--bert_weights", str(tmp_path / "bert"))
+    # A patch size of 8 is not a flag (IVT is ViT-B/16): the 16-pixel model does not take this ViT.
     with pytest.raises(UserError, match="patch_embed.proj.weight"):
         build_ivt_model(args)
-    other = build_wordpiece_vocab(["a man in a red coat"] * 3, str(tmp_path / "vocab"), vocab_size=30)
-    with pytest.raises(UserError, match="use BERT's own vocab.txt"):
-        build_ivt_model(args, tokenizer=load_hf_tokenizer("wordpiece", other))
     args.vit_weights = ""
-    model = build_ivt_model(args)  # sizes of the text side come from BERT's config
+    model = build_ivt_model(args)  # the text side's sizes come from BERT's config
     assert model.config.vocab_size == 40 and model.config.max_text_positions == 30
-    demo = build_ivt_model(args, tokenizer=load_hf_tokenizer("wordpiece", other), initial_weights=False)
-    assert demo.config.vocab_size == len(open(f"{other}/vocab.txt").read().split()) and demo.config.pad_id == 0
     assert torch.equal(model.encoder_vl.embeddings.word_embeddings.weight, bert.embeddings.word_embeddings.weight)
+    args.tokenizer_dir = build_wordpiece_vocab(["a man in a red coat"] * 3, str(tmp_path / "vocab"), vocab_size=30)
+    with pytest.raises(UserError, match="use BERT's own vocab.txt"):
+        build_ivt_model(args)
+    args.bert_weights = ""
+    size = load_hf_tokenizer("wordpiece", args.tokenizer_dir).vocab_size
+    assert build_ivt_model(args).config.vocab_size == size < 30
+    args.tokenizer_dir = ""
+    assert build_ivt_model(args).config.vocab_size == 2000  # at most --wordpiece_vocab_size ids from the captions
+
+
+def test_evaluation_model_is_read_from_the_weights():
+    trained = ivt(img_size=(40, 24), stride=6, vocab_size=37, seed=9)
+    args = ivt_args("--vit_weights", "absent.pth", "--drop_path", "0")  # nothing pretrained is loaded
+    model = build_ivt_model(args, 0, trained.state_dict())
+    assert model.config == trained.config
+    with pytest.raises(UserError, match="use the stride and image size it was trained with"):
+        build_ivt_model(ivt_args(stride=8), 0, trained.state_dict())
+    with pytest.raises(UserError, match="does not hold IVT weights"):
+        build_ivt_model(args, 0, {"base_model.positional_embedding": torch.zeros(3)})
 
 
 def test_released_trained_checkpoint_loads_strictly(tmp_path):
