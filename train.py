@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 import random
 import sys
 from collections.abc import Sequence
@@ -21,10 +22,11 @@ import torch
 import datasets  # noqa: F401  (registers the data options)
 import model  # noqa: F401  (registers the methods and their options)
 import solver  # noqa: F401  (registers the solver options)
-from datasets import build_dataloader, build_dataset
+from datasets import build_dataloader, load_benchmark, training_captions
 from model.registry import get_method
 from processor.processor import do_train
-from processor.session import RunContext, guard_run_folder, make_run_dir, prepare_model, save_run_config
+from processor.session import (RUN_TOKENIZER_DIR, RunContext, guard_run_folder, make_run_dir, prepare_model,
+                               save_run_config)
 from solver import build_lr_scheduler, build_optimizer
 from utils.checkpoint import Checkpointer
 from utils.comm import init_distributed, run_on_main, shutdown, wrap_ddp
@@ -55,8 +57,8 @@ def run(args) -> tuple[float, int]:
     setup_logger("IRRA", distributed_rank=env.rank, buffer=True)
 
     # What can be checked before the run folder exists: the dataset's files and the tokenizer.
-    dataset = build_dataset(args.dataset_name, args.root_dir)
-    tokenizer = method.build_tokenizer(args, [sample[3] for sample in dataset.train])
+    dataset = load_benchmark(args)
+    tokenizer = method.build_tokenizer(args, training_captions(dataset))
     # Rank 0 makes the folder and tells the others; if it cannot, every rank stops with its message.
     run_dir = run_on_main(lambda: make_run_dir(args.output_dir, args.dataset_name, args.name))
     context = dataclasses.replace(context, run_dir=run_dir)
@@ -64,17 +66,19 @@ def run(args) -> tuple[float, int]:
         if env.is_main:
             attach_log_file(run_dir, "train_log.txt")
             save_run_config(args, context)
+            # test.py, search.py and visualize.py evaluate with exactly this vocabulary (when it is not packaged).
+            tokenizer.save(os.path.join(run_dir, RUN_TOKENIZER_DIR))
         logger.info("Using %d process(es) on %s, precision %s; run folder %s", env.world_size, env.device,
                     context.precision.mode, run_dir)
         logger.info("Options:\n%s", "\n".join(f"  {k}: {v}" for k, v in sorted(vars(args).items())))
         loaders = build_dataloader(args, tokenizer, dataset=dataset, build_train_set=method.build_train_set,
                                    test_transform=method.build_test_transform and method.build_test_transform(args),
                                    world_size=env.world_size, rank=env.rank, device=str(env.device))
-        net = prepare_model(method.build_model(args, loaders.num_classes, None), context)
+        net = prepare_model(method.build_model(args, loaders.num_classes, None, tokenizer), context)
         logger.info("Total params: %.2fM", sum(p.numel() for p in net.parameters()) / 1e6)
         criterion = method.build_criterion(args)
         optimizer = build_optimizer(args, net, method.lr_rules(args))
-        scheduler = build_lr_scheduler(args, optimizer)
+        scheduler = build_lr_scheduler(args, optimizer, iters_per_epoch=len(loaders.train))
         scaler = context.precision.grad_scaler()
         net = wrap_ddp(net, env)
         checkpointer = Checkpointer(net, optimizer, scheduler, run_dir, save_to_disk=env.is_main, scaler=scaler)

@@ -67,8 +67,13 @@ def format_progress(epoch: int, iteration: int, num_iterations: int, means: dict
 
 
 def train_one_epoch(model, criterion, train_loader, optimizer, precision: Precision, scaler, device: torch.device,
-                    epoch: int, log_period: int, lr: float, show_progress: bool) -> tuple[dict[str, float], dict, int]:
-    """Run one epoch; returns the epoch's means, the last step's loss terms and the number of steps."""
+                    epoch: int, log_period: int, lr: float, show_progress: bool,
+                    step_scheduler=None) -> tuple[dict[str, float], dict, int]:
+    """Run one epoch; returns the epoch's means, the last step's loss terms and the number of steps.
+
+    ``step_scheduler``: a learning-rate scheduler stepped after every iteration (the log then shows the base rate
+    of the current iteration), or None when the schedule is stepped per epoch.
+    """
     model.train()
     meters = RunningMeans()
     num_iterations = len(train_loader)
@@ -86,6 +91,9 @@ def train_one_epoch(model, criterion, train_loader, optimizer, precision: Precis
         scaler.scale(total_loss).backward()
         scaler.step(optimizer)
         scaler.update()
+        if step_scheduler is not None:
+            lr = step_scheduler.get_last_lr()[0]
+            step_scheduler.step()
         meters.update(ret, batch["images"].shape[0])
         if step % log_period == 0 or step == num_iterations:  # the same steps on every rank
             means = meters.means()
@@ -141,10 +149,13 @@ def do_train(start_epoch: int, args, model, criterion, train_loader, evaluator, 
             batch_sampler.set_epoch(epoch)
         lr = scheduler.get_last_lr()[0]
         start = time.time()
+        per_iteration = getattr(args, "scheduler_unit", "epoch") == "iteration"
         means, ret, steps = train_one_epoch(model, criterion, train_loader, optimizer, precision, scaler, env.device, epoch,
-                                            args.log_period, lr, show_progress=env.is_main)
+                                            args.log_period, lr, show_progress=env.is_main,
+                                            step_scheduler=scheduler if per_iteration else None)
         elapsed = time.time() - start
-        scheduler.step()
+        if not per_iteration:
+            scheduler.step()
         if env.is_main:
             per_batch = elapsed / max(steps, 1)
             samples = global_batch or train_loader.batch_size

@@ -21,6 +21,7 @@ from __future__ import annotations
 import abc
 import hashlib
 import os
+import shutil
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -77,6 +78,11 @@ class Tokenizer(abc.ABC):
     def random_token_range(self) -> tuple[int, int]:
         """``[low, high)``: MLM's random replacements are drawn uniformly from these ids."""
         return 0, self.vocab_size
+
+    def save(self, folder: str) -> bool:
+        """Copy the files that define the vocabulary into ``folder`` (so a run can be evaluated with exactly the
+        tokenizer it trained with); False when there is nothing to copy (a fixed, packaged vocabulary)."""
+        return False
 
     @property
     def special_ids(self) -> frozenset[int]:
@@ -182,6 +188,12 @@ class HuggingFaceTokenizer(Tokenizer):
         while high - 1 in special:
             high -= 1
         return low, high
+
+    def save(self, folder: str) -> bool:
+        os.makedirs(folder, exist_ok=True)
+        for path in self.files:
+            shutil.copyfile(path, os.path.join(folder, os.path.basename(path)))
+        return bool(self.files)
 
     def encode(self, text: str) -> list[int]:
         if self.clean is not None:
