@@ -26,6 +26,7 @@ from PIL import Image
 from torch.utils.data import Dataset, get_worker_info
 
 from datasets.bases import TrainSample, read_image
+from datasets.build import Benchmark, single_language_samples
 from datasets.transforms import build_ivt_transforms
 from utils.errors import UserError
 from utils.tokenizers import Tokenizer, encode_caption
@@ -228,10 +229,10 @@ def build_mla_item(args, tokenizer: Tokenizer) -> MultiLevelItem:
                           attributes)
 
 
-def build_ivt_train_set(args, samples: Sequence[TrainSample], tokenizer: Tokenizer, seed: int) -> MultiLevelDataset:
+def build_ivt_train_set(args, dataset: Benchmark, tokenizer: Tokenizer, seed: int) -> MultiLevelDataset:
     """IVT's training pipeline (the registry's ``build_train_set``): :class:`MultiLevelDataset` of
-    :func:`build_mla_item`."""
-    return MultiLevelDataset(samples, build_mla_item(args, tokenizer), seed)
+    :func:`build_mla_item` over the training samples of ``dataset`` (its first language when multilingual)."""
+    return MultiLevelDataset(single_language_samples(dataset), build_mla_item(args, tokenizer), seed)
 
 
 def build_ivt_test_transform(args):

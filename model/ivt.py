@@ -23,7 +23,7 @@ import hashlib
 import logging
 import os
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
 import torch
@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from datasets.mla import build_ivt_test_transform, build_ivt_train_set
-from datasets.pedes import build_dataset
+from datasets.build import load_benchmark, training_captions
 from model import ivt_weights
 from model.registry import Method
 from model.objectives import compute_cmpm
@@ -39,7 +39,7 @@ from solver.build import LrRule
 from utils.comm import all_gather_no_grad, all_gather_with_grad
 from utils.errors import UserError
 from utils.options import non_negative_float, positive_int
-from utils.tokenizers import HuggingFaceTokenizer, build_wordpiece_vocab, load_hf_tokenizer
+from utils.tokenizers import HuggingFaceTokenizer, Tokenizer, build_wordpiece_vocab, load_hf_tokenizer
 
 if TYPE_CHECKING:
     from transformers import BertConfig
@@ -384,7 +384,8 @@ def ivt_lr_rules(args) -> list[LrRule]:
 # -- command line ------------------------------------------------------------------------------------------------
 
 def add_ivt_arguments(group) -> None:
-    """IVT's own flags (an argparse group). Shared flags it reads: --img_size, --stride_size, --text_length."""
+    """IVT's own flags (an argparse group). Shared flags it reads: --img_size, --stride_size, --text_length,
+    --tokenizer_dir (BERT's vocab.txt; default: --bert_weights' folder, else a vocabulary built from the captions)."""
     group.add_argument("--ivt_width", type=positive_int, default=768, help="IVT: transformer width (768 = ViT-B)")
     group.add_argument("--ivt_depth", type=positive_int, default=12, help="IVT: transformer blocks")
     group.add_argument("--ivt_heads", type=positive_int, default=12, help="IVT: attention heads")
@@ -400,9 +401,6 @@ def add_ivt_arguments(group) -> None:
     group.add_argument("--ivt_checkpoint", default="",
                        help="IVT: a released IVT checkpoint to start from (pre-training: loaded as the released "
                             "code does, skipping tensors of another shape; trained model: loaded strictly)")
-    group.add_argument("--tokenizer_dir", default="",
-                       help="folder with the WordPiece vocab.txt (default: --bert_weights' folder, else a vocabulary "
-                            "built from the training captions)")
     group.add_argument("--wordpiece_vocab_size", type=positive_int, default=2000,
                        help="IVT: size of the WordPiece vocabulary built from the captions when no tokenizer is given")
     group.add_argument("--attribute_file", default="",
@@ -493,23 +491,39 @@ def text_vocab_size(args, bert: BertConfig | None = None) -> int:
     return 30522 if args.ivt_checkpoint else args.wordpiece_vocab_size
 
 
-def build_ivt_model(args, num_classes: int = 0, weights: Mapping[str, torch.Tensor] | None = None) -> IVT:
-    """IVT from the options (``num_classes`` is unused: IVT has no identity classifier).
+def build_ivt_model(args, num_classes: int = 0, weights: Mapping[str, torch.Tensor] | None = None,
+                    tokenizer: Tokenizer | None = None) -> IVT:
+    """IVT from the options (the registry's ``build_model``; ``num_classes`` is unused: no identity classifier).
 
-    Training (``weights`` None): sizes from the options and ``--bert_weights``' config; then ``--vit_weights``,
+    Training (``weights`` None): sizes from the options, the text embeddings sized by ``tokenizer`` (its ids and
+    padding id; without it :func:`text_vocab_size`) or by ``--bert_weights``' config; then ``--vit_weights``,
     ``--bert_weights`` and ``--ivt_checkpoint`` are loaded in that order (the released start). Evaluation
     (``weights`` = the run's state dict): the architecture is read from the weights (:func:`config_from_state_dict`)
     and nothing pretrained is loaded.
 
     Raises:
-        UserError: impossible sizes, a missing or mismatching weights file, or a tokenizer that is not BERT's
-            when BERT's weights are loaded.
+        UserError: impossible sizes, a missing or mismatching weights file, a tokenizer that is not BERT's when
+            BERT's weights are loaded, or one with more ids than the saved model.
     """
     if weights is not None:
-        return IVT(config_from_state_dict(weights, args), bmm_ratio=args.bmm_ratio)
+        config = config_from_state_dict(weights, args)
+        if tokenizer is not None and tokenizer.vocab_size > config.vocab_size:
+            raise UserError(f"the tokenizer has {tokenizer.vocab_size} ids but the checkpoint's text embeddings "
+                            f"{config.vocab_size}; evaluate with the tokenizer the run was trained with.")
+        return IVT(config, bmm_ratio=args.bmm_ratio)
     bert = ivt_weights.read_bert_folder(args.bert_weights) if args.bert_weights else None
-    config = _config_from_args(args, text_vocab_size(args, bert.config if bert is not None else None),
-                               bert.config if bert is not None else None)
+    bert_config = bert.config if bert is not None else None
+    if tokenizer is None:
+        config = _config_from_args(args, text_vocab_size(args, bert_config), bert=bert_config)
+    else:
+        if bert is not None and (tokenizer.vocab_size, tokenizer.specials.pad) != (bert_config.vocab_size,
+                                                                                bert_config.pad_token_id):
+            raise UserError(f"the tokenizer has {tokenizer.vocab_size} ids (padding {tokenizer.specials.pad}) but the "
+                            f"BERT weights in {args.bert_weights} have {bert_config.vocab_size} (padding "
+                            f"{bert_config.pad_token_id}); use BERT's own vocab.txt (--tokenizer_dir "
+                            f"{args.bert_weights}).")
+        config = replace(_config_from_args(args, tokenizer.vocab_size, bert=bert_config),
+                         pad_id=tokenizer.specials.pad)
     model = IVT(config, bmm_ratio=args.bmm_ratio)
     ivt_weights.load_initial_weights(model, config.grid, vit_file=args.vit_weights, bert=bert,
                                      ivt_file=args.ivt_checkpoint)
@@ -538,9 +552,10 @@ def captions_vocab_folder(captions: Sequence[str], vocab_size: int, cache_root: 
 
 def build_ivt_tokenizer(args, captions: Sequence[str] | None = None) -> HuggingFaceTokenizer:
     """IVT's uncased WordPiece tokenizer: ``--tokenizer_dir``; else the ``vocab.txt`` of ``--bert_weights``; else a
-    vocabulary of at most ``--wordpiece_vocab_size`` ids built from the training ``captions`` (when None, as in
-    evaluation, they are read from ``--dataset_name`` under ``--root_dir``), kept in a cache folder keyed by their
-    hash under ``--cache_dir`` (when the parser has that flag) or :func:`default_cache_root`.
+    vocabulary of at most ``--wordpiece_vocab_size`` ids built from the training ``captions`` (when None, they are
+    read from the benchmark of the options; evaluation normally finds the run's saved vocabulary as
+    ``--tokenizer_dir``), kept in a cache folder keyed by their hash under ``--cache_dir`` (when the parser has
+    that flag) or :func:`default_cache_root`.
 
     Raises:
         UserError: a folder without ``vocab.txt``; a vocabulary whose padding id is not 0; no captions to build
@@ -555,8 +570,8 @@ def build_ivt_tokenizer(args, captions: Sequence[str] | None = None) -> HuggingF
     if args.ivt_checkpoint:
         raise UserError("--ivt_checkpoint needs BERT's uncased vocabulary: pass --tokenizer_dir (or --bert_weights) "
                         "with bert-base-uncased's vocab.txt.")
-    if captions is None:
-        captions = [sample[3] for sample in build_dataset(args.dataset_name, args.root_dir, verbose=False).train]
+    if captions is None:  # a run folder without its saved vocabulary: rebuild it from the same captions
+        captions = training_captions(load_benchmark(args, verbose=False))
     if not captions:
         raise UserError("no training captions to build IVT's WordPiece vocabulary from; pass --tokenizer_dir.")
     cache_root = getattr(args, "cache_dir", "") or default_cache_root()  # --cache_dir is a shared flag, if present

@@ -152,6 +152,7 @@ def test_wordpiece_vocabulary_bad_input(tmp_path):
 def ivt_args(tmp_path, *argv):
     parser = argparse.ArgumentParser()
     add_ivt_arguments(parser.add_argument_group("ivt"))
+    parser.add_argument("--tokenizer_dir", default="")  # a shared option of the data group
     args = parser.parse_args(list(argv))
     args.img_size, args.stride_size, args.text_length, args.cache_dir = [32, 16], 8, 16, str(tmp_path / "cache")
     args.dataset_name, args.root_dir, args.bias_lr_factor = "CUHK-PEDES", str(tmp_path / "data"), 2.0
@@ -194,15 +195,17 @@ def test_evaluation_finds_the_vocabulary_of_the_training_captions(synthetic_root
 def test_training_set_batches_feed_the_model(synthetic_root):
     args = ivt_args(synthetic_root, "--ivt_width", "32", "--ivt_depth", "1", "--ivt_heads", "2",
                     "--wordpiece_vocab_size", "200")
-    samples = build_dataset("CUHK-PEDES", args.root_dir, verbose=False).train
+    dataset = build_dataset("CUHK-PEDES", args.root_dir, verbose=False)
+    samples = dataset.train
     tokenizer = build_ivt_tokenizer(args, [sample[3] for sample in samples])
-    train_set = build_ivt_train_set(args, samples, tokenizer, seed=3)
+    train_set = build_ivt_train_set(args, dataset, tokenizer, seed=3)
     assert isinstance(train_set, MultiLevelDataset) and len(train_set) == len(samples)
-    assert torch.equal(train_set[5]["caption_ids"], build_ivt_train_set(args, samples, tokenizer, 3)[5]["caption_ids"])
+    assert torch.equal(train_set[5]["caption_ids"], build_ivt_train_set(args, dataset, tokenizer, 3)[5]["caption_ids"])
     batch = next(iter(torch.utils.data.DataLoader(train_set, batch_size=4)))
     assert batch["images"].shape == (4, 3, 3, 32, 16) and batch["caption_ids"].shape == (4, 3, 16)
-    model = build_ivt_model(args)
-    assert model.config.vocab_size == 200 >= tokenizer.vocab_size
+    model = build_ivt_model(args, 0, None, tokenizer)
+    assert model.config.vocab_size == tokenizer.vocab_size and model.config.pad_id == tokenizer.specials.pad == 0
+    assert build_ivt_model(args).config.vocab_size == 200  # without the tokenizer: the most ids it can have
     losses = IVTCriterion()(model(batch), batch)
     losses["cmpm_loss"].backward()
     assert torch.isfinite(losses["cmpm_loss"]) and model.encoder_vl.cls_token.grad is not None

@@ -161,6 +161,7 @@ def test_bert_pretraining_layout_maps_the_same(tmp_path):
 def ivt_args(*argv, img_size=(40, 24), stride=6):
     parser = argparse.ArgumentParser()
     add_ivt_arguments(parser.add_argument_group("ivt"))
+    parser.add_argument("--tokenizer_dir", default="")  # a shared option of the data group
     args = parser.parse_args(["--ivt_width", str(WIDTH), "--ivt_depth", str(DEPTH), "--ivt_heads", str(HEADS), *argv])
     args.img_size, args.stride_size, args.text_length = img_size, stride, 16
     return args
@@ -181,6 +182,8 @@ def test_build_ivt_model_from_weight_files(tmp_path):
     args.tokenizer_dir = build_wordpiece_vocab(["a man in a red coat"] * 3, str(tmp_path / "vocab"), vocab_size=30)
     with pytest.raises(UserError, match="use BERT's own vocab.txt"):
         build_ivt_model(args)
+    with pytest.raises(UserError, match="use BERT's own vocab.txt"):
+        build_ivt_model(args, 0, None, load_hf_tokenizer("wordpiece", args.tokenizer_dir))
     args.bert_weights = ""
     size = load_hf_tokenizer("wordpiece", args.tokenizer_dir).vocab_size
     assert build_ivt_model(args).config.vocab_size == size < 30
@@ -188,11 +191,19 @@ def test_build_ivt_model_from_weight_files(tmp_path):
     assert build_ivt_model(args).config.vocab_size == 2000  # at most --wordpiece_vocab_size ids from the captions
 
 
-def test_evaluation_model_is_read_from_the_weights():
+LONG_CAPTION = "a young woman with black hair wears a pink jacket, grey skirt and quite fancy brown boots"
+
+
+def test_evaluation_model_is_read_from_the_weights(tmp_path):
     trained = ivt(img_size=(40, 24), stride=6, vocab_size=37, seed=9)
     args = ivt_args("--vit_weights", "absent.pth", "--drop_path", "0")  # nothing pretrained is loaded
     model = build_ivt_model(args, 0, trained.state_dict())
     assert model.config == trained.config
+    small = load_hf_tokenizer("wordpiece", build_wordpiece_vocab(["a man"], str(tmp_path / "v"), vocab_size=30))
+    assert build_ivt_model(args, 0, trained.state_dict(), small).config.vocab_size == 37
+    big = load_hf_tokenizer("wordpiece", build_wordpiece_vocab([LONG_CAPTION], str(tmp_path / "b"), vocab_size=60))
+    with pytest.raises(UserError, match="the tokenizer the run was trained with"):
+        build_ivt_model(args, 0, trained.state_dict(), big)
     with pytest.raises(UserError, match="use the stride and image size it was trained with"):
         build_ivt_model(ivt_args(stride=8), 0, trained.state_dict())
     with pytest.raises(UserError, match="does not hold IVT weights"):
