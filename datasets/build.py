@@ -101,6 +101,9 @@ def _add_data_options(g: argparse._ArgumentGroup) -> None:
     g.add_argument("--batch_size", type=positive_int, default=128, help="global batch (split across processes)")
     g.add_argument("--test_batch_size", type=positive_int, default=512)
     g.add_argument("--num_workers", type=non_negative_int, default=8)
+    g.add_argument("--cache_dir", default="",
+                   help="folder for files the project can rebuild (tokenized captions, vocabularies built from the "
+                        "captions); default $XDG_CACHE_HOME/text-person-retrieval or ~/.cache/text-person-retrieval")
     g.add_argument("--img_size", type=positive_int, nargs=2, default=(384, 128), metavar=("H", "W"),
                    help="input height and width")
     g.add_argument("--img_aug", action="store_true", help="pad+crop and random erasing in training")

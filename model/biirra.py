@@ -122,7 +122,8 @@ def build_biirra_tokenizer(args: argparse.Namespace, captions: Sequence[str] | N
                         "sentencepiece.bpe.model (see docs/multilingual.md)")
     cleaned = [clean_caption_tbps(c) for c in captions]
     digest = hashlib.sha256("\n".join(cleaned).encode("utf-8")).hexdigest()[:16]
-    folder = os.path.join(default_cache_dir(), "tokenizers", f"sentencepiece-{DEMO_VOCAB_SIZE}-{digest}")
+    cache_root = getattr(args, "cache_dir", "") or default_cache_dir()
+    folder = os.path.join(cache_root, "tokenizers", f"sentencepiece-{DEMO_VOCAB_SIZE}-{digest}")
     if not os.path.isfile(os.path.join(folder, "sentencepiece.bpe.model")):
         logger.info("No --tokenizer_dir: training a SentencePiece vocabulary on %d training captions into %s",
                     len(cleaned), folder)

@@ -33,11 +33,12 @@ from torch import nn
 from datasets.mla import build_ivt_test_transform, build_ivt_train_set
 from datasets.build import load_benchmark, training_captions
 from model import ivt_weights
-from model.registry import Method
+from model.registry import Method, register_method
 from model.objectives import compute_cmpm
 from solver.build import LrRule
 from utils.comm import all_gather_no_grad, all_gather_with_grad
 from utils.errors import UserError
+from utils.iotools import default_cache_dir
 from utils.options import non_negative_float, positive_int
 from utils.tokenizers import HuggingFaceTokenizer, Tokenizer, build_wordpiece_vocab, load_hf_tokenizer
 
@@ -535,12 +536,6 @@ def build_ivt_criterion(args) -> IVTCriterion:
     return IVTCriterion()
 
 
-def default_cache_root() -> str:
-    """``$XDG_CACHE_HOME/tbps`` (or ``~/.cache/tbps``): where vocabularies built from captions are kept."""
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return os.path.join(base, "tbps")
-
-
 def captions_vocab_folder(captions: Sequence[str], vocab_size: int, cache_root: str) -> str:
     """The cache folder of the WordPiece vocabulary built from ``captions``: keyed by a SHA-256 of the sorted
     distinct captions and the size, so the same training set always finds the same vocabulary."""
@@ -554,8 +549,8 @@ def build_ivt_tokenizer(args, captions: Sequence[str] | None = None) -> HuggingF
     """IVT's uncased WordPiece tokenizer: ``--tokenizer_dir``; else the ``vocab.txt`` of ``--bert_weights``; else a
     vocabulary of at most ``--wordpiece_vocab_size`` ids built from the training ``captions`` (when None, they are
     read from the benchmark of the options; evaluation normally finds the run's saved vocabulary as
-    ``--tokenizer_dir``), kept in a cache folder keyed by their hash under ``--cache_dir`` (when the parser has
-    that flag) or :func:`default_cache_root`.
+    ``--tokenizer_dir``), kept in a cache folder keyed by their hash under ``--cache_dir`` (default
+    :func:`utils.iotools.default_cache_dir`) ``/tokenizers``.
 
     Raises:
         UserError: a folder without ``vocab.txt``; a vocabulary whose padding id is not 0; no captions to build
@@ -574,7 +569,7 @@ def build_ivt_tokenizer(args, captions: Sequence[str] | None = None) -> HuggingF
         captions = training_captions(load_benchmark(args, verbose=False))
     if not captions:
         raise UserError("no training captions to build IVT's WordPiece vocabulary from; pass --tokenizer_dir.")
-    cache_root = getattr(args, "cache_dir", "") or default_cache_root()  # --cache_dir is a shared flag, if present
+    cache_root = os.path.join(getattr(args, "cache_dir", "") or default_cache_dir(), "tokenizers")
     folder = captions_vocab_folder(captions, args.wordpiece_vocab_size, cache_root)
     if not os.path.isfile(os.path.join(folder, "vocab.txt")):
         logger.info("Building a WordPiece vocabulary of at most %d ids from %d captions in %s",
@@ -602,3 +597,6 @@ def ivt_method() -> Method:
         recognise_checkpoint=ivt_weights.is_ivt_released_state,
         convert_checkpoint=ivt_weights.convert_ivt_state_dict,
     )
+
+
+IVT_METHOD = register_method(ivt_method())

@@ -19,7 +19,7 @@ from torch import nn
 from utils.errors import UserError
 from utils.options import OptionGroup, non_negative_float, positive_float, positive_int, register_options
 
-from .lr_scheduler import SCHEDULES, WARMUP_METHODS, LRSchedulerWithWarmup, check_schedule
+from .lr_scheduler import SCHEDULES, WARMUP_METHODS, LRSchedulerWithWarmup, TimmCosineSchedule, check_schedule
 
 logger = logging.getLogger(__name__)
 
@@ -83,6 +83,12 @@ def build_lr_scheduler(args, optimizer: torch.optim.Optimizer, iters_per_epoch: 
     iteration: warmup, milestones and the schedule's length are counted in iterations (``x iters_per_epoch``);
     otherwise once per epoch, as IRRA does."""
     scale = iters_per_epoch if getattr(args, "scheduler_unit", "epoch") == "iteration" else 1
+    if args.lrscheduler == "timm_cosine":
+        if scale != 1:
+            raise UserError("--lrscheduler timm_cosine is stepped once per epoch (as IVT's code does); use "
+                            "--scheduler_unit epoch")
+        return TimmCosineSchedule(optimizer, total_epochs=args.num_epoch, warmup_epochs=args.warmup_epochs,
+                                  warmup_lr_init=args.lr * args.warmup_factor, lr_min=args.target_lr)
     return LRSchedulerWithWarmup(optimizer, milestones=[m * scale for m in args.milestones], gamma=args.gamma,
                                  warmup_factor=args.warmup_factor, warmup_epochs=args.warmup_epochs * scale,
                                  warmup_method=args.warmup_method, total_epochs=args.num_epoch * scale,
@@ -114,7 +120,9 @@ def _add_schedule_options(g: argparse._ArgumentGroup) -> None:
     g.add_argument("--warmup_epochs", type=int, default=5,
                    help="epochs of warmup; a run shorter than that stays in warmup, as in IRRA")
     g.add_argument("--warmup_method", default="linear", choices=WARMUP_METHODS)
-    g.add_argument("--lrscheduler", default="cosine", choices=SCHEDULES)
+    g.add_argument("--lrscheduler", default="cosine", choices=SCHEDULES,
+                   help="the schedule after warmup; timm_cosine = timm's CosineLRScheduler (IVT): warmup from "
+                        "lr*warmup_factor, cosine to target_lr")
     g.add_argument("--target_lr", type=non_negative_float, default=0.0)
     g.add_argument("--power", type=non_negative_float, default=0.9)
     g.add_argument("--scheduler_unit", default="epoch", choices=SCHEDULER_UNITS,

@@ -9,10 +9,9 @@ import torch
 import test as test_entry
 import train as train_entry
 from datasets.synthetic import write_synthetic
-from model import METHODS, register_method
-from model.ivt import ivt_method
+from model import METHODS
 from utils.errors import UserError
-from utils.options import OPTION_GROUPS, get_args
+from utils.options import get_args
 
 TINY_IVT = ["--model", "ivt", "--ivt_width", "32", "--ivt_depth", "1", "--ivt_heads", "2", "--img_size", "32", "16",
             "--stride_size", "16", "--text_length", "24", "--wordpiece_vocab_size", "120", "--batch_size", "8",
@@ -22,15 +21,10 @@ TINY_IVT = ["--model", "ivt", "--ivt_width", "32", "--ivt_depth", "1", "--ivt_he
 
 @pytest.fixture
 def ivt_registered(monkeypatch, tmp_path):
-    """``--model ivt`` for this test (the project's own registration when it has one)."""
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))  # the caption vocabulary goes there
-    if "ivt" in METHODS:
-        yield METHODS.get("ivt")
-        return
-    method = register_method(ivt_method())
-    yield method
-    METHODS.unregister("ivt")
-    OPTION_GROUPS.unregister("ivt (--model ivt)")
+    """``--model ivt``, with the caption vocabulary built into this test's cache folder."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    assert "ivt" in METHODS  # model/__init__.py registers it
+    yield METHODS.get("ivt")
 
 
 @pytest.fixture(scope="module")
