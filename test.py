@@ -9,6 +9,7 @@ config file (released runs move), so no pretrained CLIP file is needed. Results 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Sequence
 
@@ -16,6 +17,7 @@ import torch
 
 from datasets import build_dataloader
 from processor.processor import do_inference
+from processor.reporting import append_test_result, run_record
 from processor.run_loading import add_run_arguments, load_run_config, load_run_model, open_run_from_cli
 from utils.entry import run_main
 from utils.logger import setup_logger
@@ -44,6 +46,10 @@ def run(cli: argparse.Namespace):
     with torch.inference_mode():
         evaluator = do_inference(model, loaders.images, loaders.texts, autocast=handle.precision.autocast,
                                  chunk_size=cli.eval_chunk_size or None, i2t_metric=cli.i2t)
+    selection = "test" if getattr(handle.args, "val_dataset", "test") == "test" else "val"
+    record = run_record(handle.args, run_dir=handle.run_dir, selection_split=selection,
+                        code_version=getattr(handle.args, "code_version", "unknown"))
+    append_test_result(handle.run_dir, record, os.path.basename(handle.checkpoint), evaluator.last_results)
     return evaluator.last_results
 
 

@@ -14,6 +14,7 @@ import logging
 import os
 import random
 import sys
+import time
 from collections.abc import Sequence
 
 import numpy as np
@@ -23,10 +24,12 @@ import datasets  # noqa: F401  (registers the data options)
 import model  # noqa: F401  (registers the methods and their options)
 import solver  # noqa: F401  (registers the solver options)
 from datasets import build_dataloader, load_benchmark, training_captions
+from datasets.build import selection_split
 from model.registry import get_method
 from processor.processor import do_train
-from processor.session import (RUN_TOKENIZER_DIR, RunContext, guard_run_folder, make_run_dir, prepare_model,
-                               save_run_config)
+from processor.reporting import final_report, run_record
+from processor.session import (RUN_TOKENIZER_DIR, RunContext, code_version, guard_run_folder, make_run_dir,
+                               prepare_model, save_run_config)
 from solver import build_lr_scheduler, build_optimizer
 from utils.checkpoint import Checkpointer
 from utils.comm import init_distributed, run_on_main, shutdown, wrap_ddp
@@ -71,9 +74,13 @@ def run(args) -> tuple[float, int]:
         logger.info("Using %d process(es) on %s, precision %s; run folder %s", env.world_size, env.device,
                     context.precision.mode, run_dir)
         logger.info("Options:\n%s", "\n".join(f"  {k}: {v}" for k, v in sorted(vars(args).items())))
+        if args.val_dataset == "test":
+            logger.warning("--val_dataset test: the checkpoint is chosen on the test set; its score is optimistic "
+                           "(the papers' protocol; results.json records selection_split: test)")
+        test_transform = method.build_test_transform(args) if method.build_test_transform is not None else None
         loaders = build_dataloader(args, tokenizer, dataset=dataset, build_train_set=method.build_train_set,
-                                   test_transform=method.build_test_transform and method.build_test_transform(args),
-                                   world_size=env.world_size, rank=env.rank, device=str(env.device))
+                                   test_transform=test_transform, world_size=env.world_size, rank=env.rank,
+                                   device=str(env.device))
         net = prepare_model(method.build_model(args, loaders.num_classes, None, tokenizer), context)
         logger.info("Total params: %.2fM", sum(p.numel() for p in net.parameters()) / 1e6)
         criterion = method.build_criterion(args)
@@ -96,13 +103,23 @@ def run(args) -> tuple[float, int]:
         from torch.utils.tensorboard import SummaryWriter  # heavy: only a training run pays for the import
 
         tb_writer = SummaryWriter(log_dir=run_dir) if env.is_main else None
+        started = time.time()
         try:
-            return do_train(start_epoch, args, net, criterion, loaders.train, evaluator, optimizer, scheduler,
-                            checkpointer, context.precision, env, scaler=scaler, tb_writer=tb_writer,
-                            best_top1=best_top1, best_epoch=best_epoch)
+            best_top1, best_epoch = do_train(start_epoch, args, net, criterion, loaders.train, evaluator, optimizer,
+                                             scheduler, checkpointer, context.precision, env, scaler=scaler,
+                                             tb_writer=tb_writer, best_top1=best_top1, best_epoch=best_epoch)
         finally:
             if tb_writer is not None:
                 tb_writer.close()
+        seconds = time.time() - started
+        samples = len(loaders.train.dataset) * (args.num_epoch - start_epoch + 1)
+        record = run_record(args, run_dir=run_dir, selection_split=selection_split(args, dataset),
+                            code_version=code_version())
+        # The one look at the test split: the last weights and best.pth, into results.json (rank 0; the others wait).
+        run_on_main(lambda: final_report(
+            net, checkpointer, args, tokenizer=tokenizer, test_transform=test_transform, precision=context.precision,
+            device=env.device, record=record, best_epoch=best_epoch, wall_time_s=seconds, samples_seen=samples))
+        return best_top1, best_epoch
 
 
 def main(argv: Sequence[str] | None = None) -> int:

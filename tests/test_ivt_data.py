@@ -169,13 +169,14 @@ def synthetic_root(tmp_path_factory):
 def test_build_ivt_tokenizer_caches_the_caption_vocabulary(tmp_path, vocab_folder):
     args = ivt_args(tmp_path, "--wordpiece_vocab_size", "100")
     tok = build_ivt_tokenizer(args, CAPTIONS)
-    (folder,) = os.listdir(tmp_path / "cache")
-    vocab = tmp_path / "cache" / folder / "vocab.txt"
+    cache = tmp_path / "cache" / "tokenizers"
+    (folder,) = os.listdir(cache)
+    vocab = cache / folder / "vocab.txt"
     stamp = os.stat(vocab).st_mtime_ns
     again = build_ivt_tokenizer(args, list(reversed(CAPTIONS)))  # same set of captions: same vocabulary, reused
     assert again.fingerprint() == tok.fingerprint() and os.stat(vocab).st_mtime_ns == stamp
     build_ivt_tokenizer(args, CAPTIONS[:2])
-    assert len(os.listdir(tmp_path / "cache")) == 2
+    assert len(os.listdir(cache)) == 2
     given = build_ivt_tokenizer(ivt_args(tmp_path, "--tokenizer_dir", vocab_folder), [])
     assert given.files == (os.path.join(vocab_folder, "vocab.txt"),)
     with pytest.raises(UserError, match="needs BERT's uncased vocabulary"):
