@@ -134,8 +134,11 @@ def test_default_folder_is_in_the_run(tiny_run, tmp_path):
     assert os.path.isfile(tmp_path / "run" / "visualize" / "caption_2.png")
 
 
-def test_chinese_text_wraps_by_width_and_asks_for_a_cjk_font(tmp_path, caplog):
+def test_chinese_text_wraps_by_width_and_asks_for_a_cjk_font(tmp_path, caplog, monkeypatch):
     from processor import visualization
+    from utils import fonts
+
+    monkeypatch.setattr(fonts, "_warned", False)  # the warning comes once per process: earlier tests may have had it
 
     text = "穿红色外套、背着黑色双肩包的年轻女子走在路上" * 3
     lines = visualization._wrap(text, 3.0, 14)  # 3 inches at 14 pt: about 29 narrow units, 14 Chinese characters
