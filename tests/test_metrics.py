@@ -10,32 +10,30 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
 from utils.errors import UserError
-from utils.metrics import (
-    Evaluator,
-    auto_chunk_size,
-    evaluate,
-    format_results,
-    rank,
-    rank_features,
-)
-from utils.metrics import _nonzero_sparse
+from utils.metrics import Evaluator, evaluate, format_results, rank, rank_features
+from utils.ranking import METHODS, _nonzero_sparse, auto_chunk_size
 
 
 # ----------------------------------------------------------------------------------------------------
 # Reference: plain Python, one query at a time, straight from the definitions
 # ----------------------------------------------------------------------------------------------------
-def reference_rank(similarity, q_pids, g_pids, max_rank):
+def reference_rank(similarity, q_pids, g_pids, max_rank, rerank=None, rerank_topk=0):
     """CMC (percent, all queries), mAP and mINP (percent, queries with a correct item), top indices.
 
-    Gallery order: score descending, ties by lower gallery index.
+    Gallery order: score descending, ties by lower gallery index. With ``rerank(query, items) -> scores``,
+    the first ``rerank_topk`` items are re-sorted by their new scores (ties keep their order) and put first.
     """
     sim = similarity.double().tolist()
     q_pids, g_pids = list(map(int, q_pids)), list(map(int, g_pids))
     num_gallery = len(g_pids)
     cmc = [0.0] * max_rank
     aps, inps, tops = [], [], []
-    for row, pid in zip(sim, q_pids):
+    for query, (row, pid) in enumerate(zip(sim, q_pids)):
         order = sorted(range(num_gallery), key=lambda j: (-row[j], j))
+        if rerank is not None and rerank_topk > 0:
+            head = order[:rerank_topk]
+            new = [float(x) for x in rerank(query, head)]
+            order = [head[i] for i in sorted(range(len(head)), key=lambda i: (-new[i], i))] + order[rerank_topk:]
         tops.append(order[:max_rank])
         correct_ranks = [r + 1 for r, j in enumerate(order) if g_pids[j] == pid]
         if not correct_ranks:
@@ -139,15 +137,18 @@ def test_rank_equals_reference(seed, num_queries, num_gallery, num_ids, decimals
     assert_matches_reference(similarity, q_pids, g_pids, max_rank, chunk_size=chunk_size)
 
 
+def random_shape_case(seed, max_queries, max_gallery, max_ids):
+    """``random_case`` with random sizes and id count, rounded to 0, 1, 2 decimals or not (by ``seed``);
+    also returns the generator, for further random choices."""
+    gen = torch.Generator().manual_seed(seed)
+    sizes = [int(torch.randint(1, top, (), generator=gen)) for top in (max_queries, max_gallery, max_ids)]
+    return (*random_case(seed + 1, *sizes, [None, 0, 1, 2][seed % 4]), gen)
+
+
 @pytest.mark.parametrize("seed", range(8))
 def test_rank_equals_reference_random_shapes(seed):
     # random sizes, id counts, rounding, chunking and max_rank; a few -inf scores
-    gen = torch.Generator().manual_seed(100 + seed)
-    num_queries = int(torch.randint(1, 30, (), generator=gen))
-    num_gallery = int(torch.randint(1, 900, (), generator=gen))
-    num_ids = int(torch.randint(1, 25, (), generator=gen))
-    decimals = [None, 0, 1, 2][seed % 4]
-    similarity, q_pids, g_pids = random_case(200 + seed, num_queries, num_gallery, num_ids, decimals)
+    similarity, q_pids, g_pids, gen = random_shape_case(100 + seed, 30, 900, 25)
     similarity[torch.rand(similarity.shape, generator=gen) < 0.01] = float("-inf")
     max_rank = int(torch.randint(1, 20, (), generator=gen))
     chunk_size = int(torch.randint(1, 12, (), generator=gen))
@@ -197,22 +198,23 @@ def test_rank_does_not_depend_on_chunk_size():
             assert torch.equal(got, expected)
 
 
-def test_rank_halves_chunks_with_too_many_candidates(monkeypatch):
-    import utils.metrics as metrics
+def test_rank_resolves_blocks_early_when_too_many_items_are_gathered(monkeypatch):
+    import utils.ranking as metrics
 
-    # a budget of 40 exactly-compared items forces every chunk to be split down to single rows
-    monkeypatch.setattr(metrics, "DEFAULT_MEMORY_BUDGET_BYTES", 40 * metrics._BYTES_PER_CANDIDATE)
+    # one row per block and a budget of 40 gathered items: every block is resolved on its own
+    monkeypatch.setattr(metrics, "_BLOCK_ELEMENTS", 1)
+    monkeypatch.setattr(metrics, "_MAX_CANDIDATES", 40)
     calls = []
-    original = metrics._rank_chunk
+    original = metrics._ranks_of_correct
 
-    def counting(scores, *args):
-        calls.append(scores.shape[0])
-        return original(scores, *args)
+    def counting(scans, *args):
+        calls.append(len(scans))
+        return original(scans, *args)
 
-    monkeypatch.setattr(metrics, "_rank_chunk", counting)
+    monkeypatch.setattr(metrics, "_ranks_of_correct", counting)
     similarity, q_pids, g_pids = random_case(19, 21, 600, 6, decimals=1)
     assert_matches_reference(similarity, q_pids, g_pids, chunk_size=21)
-    assert calls[0] == 21 and calls.count(1) == 21  # halved down to every single row
+    assert calls == [1] * 21  # each row resolved as soon as it was scanned
 
 
 def test_rank_without_map_returns_cmc_and_indices():
@@ -226,7 +228,7 @@ def test_queries_without_correct_item_are_misses_and_excluded_from_map(caplog):
     similarity, q_pids, g_pids = random_case(13, 10, 80, 4)
     q_pids = q_pids.clone()
     q_pids[[2, 5]] = 1000  # no gallery item has this id
-    with caplog.at_level(logging.WARNING, logger="utils.metrics"):
+    with caplog.at_level(logging.WARNING, logger="utils.ranking"):
         cmc, mAP, mINP, _ = rank(similarity, q_pids, g_pids, chunk_size=3)
     assert "2 of 10 queries have no correct gallery item" in caplog.text
     keep = torch.tensor([i not in (2, 5) for i in range(10)])
@@ -237,11 +239,13 @@ def test_queries_without_correct_item_are_misses_and_excluded_from_map(caplog):
     assert cmc.tolist() == pytest.approx([c * 8 / 10 for c in ref_cmc], abs=1e-4)
 
 
-def test_nonzero_sparse_matches_nonzero():
+@pytest.mark.parametrize("density", [0.0, 0.001, 0.01, 0.5, 1.0])
+def test_nonzero_sparse_matches_nonzero(density):
     gen = torch.Generator().manual_seed(14)
-    mask = torch.rand(8 * 1001, generator=gen) < 0.01
-    mask[-1] = True
+    mask = torch.rand(64 * 1001, generator=gen) < density
+    mask[-1] = density > 0
     assert torch.equal(_nonzero_sparse(mask), mask.nonzero().squeeze(1))
+    assert torch.equal(_nonzero_sparse(mask.to(torch.uint8)), mask.nonzero().squeeze(1))
 
 
 def test_auto_chunk_size_follows_budget():
@@ -428,11 +432,18 @@ def test_rank_bad_input(kwargs, message):
         rank(**args)
 
 
-def test_rank_rejects_nan():
+@pytest.mark.parametrize("method", METHODS)
+def test_rank_rejects_nan(method):
     similarity = torch.rand(5, 300)
     similarity[3, 123] = float("nan")
     with pytest.raises(UserError, match="queries 2..3 contain NaN"):
-        rank(similarity, torch.zeros(5, dtype=torch.long), torch.zeros(300, dtype=torch.long), chunk_size=2)
+        rank(similarity, torch.zeros(5, dtype=torch.long), torch.zeros(300, dtype=torch.long), chunk_size=2,
+             method=method)
+    text_feats = torch.rand(5, 4)
+    text_feats[1, 2] = float("nan")
+    with pytest.raises(UserError, match="queries 0..1 contain NaN"):
+        rank_features(text_feats, torch.rand(300, 4), torch.zeros(5, dtype=torch.long),
+                      torch.zeros(300, dtype=torch.long), chunk_size=2, method=method)
 
 
 def test_rank_features_bad_input():
@@ -467,3 +478,272 @@ def test_reference_sanity():
     assert mAP == pytest.approx(100 * (1 / 2 + 2 / 3 + 3 / 5) / 3) and mINP == pytest.approx(60.0)
     assert tops == [[0, 2, 4, 3, 1]]
     assert math.isclose(sum(cmc), 400.0)
+
+
+# ----------------------------------------------------------------------------------------------------
+# The reference twin (method="reference") and the fast path agree
+# ----------------------------------------------------------------------------------------------------
+def assert_same_results(got, expected):
+    for value, reference in zip(got, expected):
+        assert value.dtype == reference.dtype and value.shape == reference.shape
+        if value.is_floating_point():
+            assert torch.allclose(value, reference, atol=1e-4, rtol=0)
+        else:
+            assert torch.equal(value, reference)
+
+
+def test_reference_method_matches_hand_computed_case():
+    similarity = torch.tensor([[0.9, 0.1, 0.8, 0.3, 0.5], [0.2, 0.7, 0.7, 0.1, 0.6]])
+    cmc, mAP, mINP, indices = rank(similarity, [1, 2], [2, 1, 1, 2, 1], max_rank=5, method="reference")
+    assert cmc.tolist() == pytest.approx([0.0, 50.0, 50.0, 100.0, 100.0])
+    assert float(mAP) == pytest.approx(45.694444, abs=1e-4) and float(mINP) == pytest.approx(50.0, abs=1e-5)
+    assert indices.tolist() == [[0, 2, 4, 3, 1], [1, 2, 4, 0, 3]]
+
+
+@pytest.mark.parametrize("seed", range(24))
+def test_fast_equals_reference_method_on_random_cases(seed):
+    # random sizes (chunks rarely divide Q), id counts (up to hundreds of correct items), ties, +-inf,
+    # a correct item ranked last, max_rank above G, i2t (the transposed, non-contiguous matrix)
+    similarity, q_pids, g_pids, gen = random_shape_case(1000 + seed, 40, 700, 30)
+    num_queries, num_gallery = similarity.shape
+    special = torch.rand(similarity.shape, generator=gen)
+    similarity[special < 0.02] = float("-inf")
+    similarity[special > 0.99] = float("inf")
+    row = int(torch.randint(0, num_queries, (), generator=gen))
+    similarity[row, (g_pids == q_pids[row]).nonzero()[-1, 0]] = similarity[row].min() - 1  # correct item last
+    if seed % 3 == 2:  # i2t: gallery items as queries
+        similarity, q_pids, g_pids = similarity.t(), g_pids, q_pids
+        similarity[:, 0] = float("-inf")
+    max_rank = int(torch.randint(1, num_gallery + 15, (), generator=gen))
+    chunk_size = int(torch.randint(1, 13, (), generator=gen))
+    fast = rank(similarity, q_pids, g_pids, max_rank, chunk_size=chunk_size)
+    reference = rank(similarity, q_pids, g_pids, max_rank, chunk_size=chunk_size + 3, method="reference")
+    assert_same_results(fast, reference)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64])
+def test_fast_equals_reference_method_for_other_dtypes(dtype):
+    similarity, q_pids, g_pids = random_case(30, 23, 400, 7, decimals=2, dtype=dtype)
+    assert_same_results(rank(similarity, q_pids, g_pids, chunk_size=5),
+                        rank(similarity, q_pids, g_pids, chunk_size=5, method="reference"))
+
+
+@pytest.mark.parametrize("scale", [1e30, 1e-40, 1e-44, "overflow", "zeros"])
+def test_extreme_score_ranges(scale):
+    # huge, subnormal and overflowing ranges (row max - row min = inf), a row of signed zeros
+    similarity, q_pids, g_pids = random_case(31, 9, 150, 5, decimals=1)
+    if scale == "overflow":
+        similarity = similarity.sign() * 3e38 + similarity
+    elif scale == "zeros":
+        similarity = torch.zeros_like(similarity)
+        similarity[::2] = -0.0
+    else:
+        similarity = similarity * scale
+    similarity = similarity.float()
+    assert_matches_reference(similarity, q_pids, g_pids, chunk_size=4)
+
+
+def test_many_blocks_and_bins(monkeypatch):
+    import utils.ranking as metrics
+
+    # a gallery large enough for the full number of bins, scanned a few rows per block
+    monkeypatch.setattr(metrics, "_BLOCK_ELEMENTS", 3 * 17000)
+    similarity, q_pids, g_pids = random_case(32, 8, 17000, 40, decimals=3)
+    assert metrics._num_bins(17000) == metrics._MAX_BINS
+    assert_matches_reference(similarity, q_pids, g_pids, chunk_size=7)
+
+
+def test_chunks_whose_queries_all_lack_correct_items(caplog):
+    similarity, q_pids, g_pids = random_case(33, 10, 80, 4)
+    q_pids = q_pids.clone()
+    q_pids[[2, 5]] = 1000
+    keep = torch.tensor([i not in (2, 5) for i in range(10)])
+    _, ref_mAP, ref_mINP, ref_tops = reference_rank(similarity[keep], q_pids[keep], g_pids, 10)
+    for method in METHODS:
+        cmc, mAP, mINP, indices = rank(similarity, q_pids, g_pids, chunk_size=1, method=method)
+        assert float(mAP) == pytest.approx(ref_mAP, abs=1e-4) and float(mINP) == pytest.approx(ref_mINP, abs=1e-4)
+        assert indices[keep].tolist() == ref_tops
+
+
+# ----------------------------------------------------------------------------------------------------
+# Re-ranking
+# ----------------------------------------------------------------------------------------------------
+class TableReranker:
+    """New scores from a fixed [Q, G] table; records the calls."""
+
+    def __init__(self, table):
+        self.table = table
+        self.calls = []
+
+    def __call__(self, query_indices, gallery_indices):
+        self.calls.append((query_indices.clone(), gallery_indices.clone()))
+        return self.table[query_indices[:, None], gallery_indices]
+
+    def for_reference(self, query, items):
+        return self.table[query, items].tolist()
+
+
+@pytest.mark.parametrize(
+    "seed, num_queries, num_gallery, num_ids, topk, max_rank, chunk_size",
+    [
+        (40, 17, 300, 9, 25, 10, 4),  # K above max_rank, chunks not dividing Q
+        (41, 12, 200, 3, 5, 10, 5),  # K below max_rank; many correct items
+        (42, 9, 40, 6, 40, 10, 9),  # K = G
+        (43, 9, 30, 6, 1000, 35, 2),  # K > G, max_rank > G
+        (44, 14, 120, 10, 1, 3, 3),  # a single re-scored item
+    ],
+)
+def test_rerank_equals_brute_force_resort(seed, num_queries, num_gallery, num_ids, topk, max_rank, chunk_size):
+    similarity, q_pids, g_pids = random_case(seed, num_queries, num_gallery, num_ids, decimals=1)
+    gen = torch.Generator().manual_seed(seed)
+    reranker = TableReranker(torch.round(torch.randn(num_queries, num_gallery, generator=gen), decimals=1))
+    ref_cmc, ref_mAP, ref_mINP, ref_tops = reference_rank(similarity, q_pids, g_pids, max_rank,
+                                                          reranker.for_reference, topk)
+    for method in METHODS:
+        cmc, mAP, mINP, indices = rank(similarity, q_pids, g_pids, max_rank, chunk_size=chunk_size, method=method,
+                                       rerank=reranker, rerank_topk=topk)
+        assert cmc.tolist() == pytest.approx(ref_cmc, abs=1e-4)
+        assert float(mAP) == pytest.approx(ref_mAP, abs=1e-4) and float(mINP) == pytest.approx(ref_mINP, abs=1e-4)
+        assert indices.tolist() == [top[:indices.shape[1]] for top in ref_tops]
+    # called chunk by chunk with the query rows and each query's first-stage top K (by the stage-1 order)
+    queries = torch.cat([q for q, _ in reranker.calls[-math.ceil(num_queries / chunk_size):]])
+    assert queries.tolist() == list(range(num_queries))
+    _, _, _, stage1 = reference_rank(similarity, q_pids, g_pids, min(topk, num_gallery))
+    heads = torch.cat([g for _, g in reranker.calls[-math.ceil(num_queries / chunk_size):]])
+    assert heads.tolist() == stage1
+
+
+def test_perfect_reranker_gives_perfect_metrics_when_correct_items_are_in_the_top_k():
+    similarity, q_pids, g_pids = random_case(45, 30, 200, 8)
+    similarity[::2] += 2.0 * (q_pids[::2, None] == g_pids[None, :])  # every other query: correct items high
+    topk = 60
+    perfect = (q_pids[:, None] == g_pids[None, :]).float()  # [Q, G] new scores: 1 for correct items
+    # queries whose correct items all rank within the first-stage top K
+    _, _, _, stage1 = reference_rank(similarity, q_pids, g_pids, topk)
+    inside = torch.tensor([set((g_pids == pid).nonzero().squeeze(1).tolist()) <= set(top)
+                           for pid, top in zip(q_pids.tolist(), stage1)])
+    assert 0 < int(inside.sum()) < 30
+    cmc, mAP, mINP, indices = rank(similarity[inside], q_pids[inside], g_pids, rerank=TableReranker(perfect[inside]),
+                                   rerank_topk=topk)
+    assert cmc.tolist() == [100.0] * 10 and float(mAP) == pytest.approx(100.0) and float(mINP) == pytest.approx(100.0)
+    assert not (g_pids[indices[:, 0]] != q_pids[inside]).any()
+    # the others improve but stay imperfect: some correct item lies beyond K
+    _, mAP_out, mINP_out, _ = rank(similarity[~inside], q_pids[~inside], g_pids, rerank=TableReranker(perfect[~inside]),
+                                   rerank_topk=topk)
+    _, mAP_before, _, _ = rank(similarity[~inside], q_pids[~inside], g_pids)
+    assert float(mAP_before) < float(mAP_out) < 100.0 and float(mINP_out) < 100.0
+
+
+def test_rerank_topk_zero_or_no_callback_is_stage_one():
+    similarity, q_pids, g_pids = random_case(46, 11, 90, 5)
+    reranker = TableReranker(torch.randn(11, 90))
+    expected = rank(similarity, q_pids, g_pids)
+    assert_same_results(rank(similarity, q_pids, g_pids, rerank=reranker, rerank_topk=0), expected)
+    assert_same_results(rank(similarity, q_pids, g_pids, rerank=None, rerank_topk=20), expected)
+    assert reranker.calls == []
+
+
+def test_rank_features_rerank_equals_similarity_path():
+    text_feats, image_feats, q_pids, g_pids = random_features(47)
+    text_feats, image_feats = F.normalize(text_feats, dim=1), F.normalize(image_feats, dim=1)
+    reranker = TableReranker(torch.randn(40, 30))
+    expected = rank(text_feats @ image_feats.t(), q_pids, g_pids, rerank=reranker, rerank_topk=12)
+    got = rank_features(text_feats, image_feats, q_pids, g_pids, chunk_size=7, rerank=reranker, rerank_topk=12)
+    assert torch.equal(got[3], expected[3])
+    assert_same_results(got[:3], expected[:3])
+
+
+@pytest.mark.parametrize(
+    "rerank, message",
+    [
+        (lambda q, g: torch.zeros(len(q), 3), "rerank must return a tensor of shape \\(4, 5\\)"),
+        (lambda q, g: torch.full(g.shape, float("nan")), "without NaN"),
+        (lambda q, g: torch.zeros(g.shape, dtype=torch.long), "without NaN .* got dtype torch.int64"),
+        (lambda q, g: [0.0] * 5, "got list"),
+        ("not callable", "rerank must be a callable"),
+    ],
+)
+def test_rerank_bad_output(rerank, message):
+    similarity, q_pids, g_pids = random_case(48, 4, 30, 3)
+    with pytest.raises(UserError, match=message):
+        rank(similarity, q_pids, g_pids, rerank=rerank, rerank_topk=5)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Evaluator with a retrieval object (encode_images / encode_texts / rerank)
+# ----------------------------------------------------------------------------------------------------
+class CrossEncoderRetriever:
+    """Not a module: one-hot features like OneHotModel, and a re-ranker that reads the identities it stored
+    while encoding (as a cross-encoder keeps image tokens) and scores 1 for a matching identity."""
+
+    def __init__(self, num_ids, truth):
+        self.num_ids = num_ids
+        self.truth = truth  # caption index -> true identity (the encoded one may be wrong)
+        self.events = []
+        self.image_ids = []
+
+    def encode_images(self, images):
+        self.events.append("images")
+        assert torch.is_inference_mode_enabled()
+        ids = images[:, 0, 0, 0].long()
+        self.image_ids.append(ids)
+        return F.one_hot(ids, self.num_ids).float()
+
+    def encode_texts(self, caption_ids):
+        self.events.append("texts")
+        return F.one_hot(caption_ids[:, 0], self.num_ids).float()
+
+    def rerank(self, query_indices, gallery_indices):
+        self.events.append("rerank")
+        assert torch.is_inference_mode_enabled()
+        images = torch.cat(self.image_ids)[gallery_indices]  # [q, K]
+        return (images == self.truth[query_indices][:, None]).to(torch.float16)
+
+
+def test_evaluator_with_a_reranking_retrieval_object():
+    img_loader, txt_loader, num_ids = make_loaders()
+    truth = torch.tensor([0, 1, 2, 3, 0, 1, 2, 3])
+    retriever = CrossEncoderRetriever(num_ids, truth)
+    assert Evaluator(img_loader, txt_loader).eval(retriever) == pytest.approx(75.0)  # stage 1 only
+    retriever.events.clear()
+    retriever.image_ids.clear()
+    evaluator = Evaluator(img_loader, txt_loader, rerank_topk=8, chunk_size=3)
+    assert evaluator.eval(retriever, i2t_metric=True) == pytest.approx(100.0)
+    assert evaluator.last_results["t2i"] == {"R1": 100.0, "R5": 100.0, "R10": 100.0, "mAP": 100.0, "mINP": 100.0}
+    assert evaluator.last_results["i2t"]["R1"] == pytest.approx(75.0)  # i2t is never re-ranked
+    # the gallery first, then the captions, then the re-ranking calls (3 chunks of captions)
+    assert retriever.events == ["images"] * 3 + ["texts"] * 3 + ["rerank"] * 3
+
+
+def test_evaluator_rerank_topk_needs_a_rerank_method():
+    img_loader, txt_loader, num_ids = make_loaders()
+    with pytest.raises(UserError, match="rerank_topk=4 asks for re-ranking, but the model has no rerank method"):
+        Evaluator(img_loader, txt_loader, rerank_topk=4).eval(OneHotModel(num_ids))
+    with pytest.raises(UserError, match="needs encode_image and encode_text"):
+        Evaluator(img_loader, txt_loader).eval(torch.nn.Linear(2, 2))
+    with pytest.raises(UserError, match="rerank_topk must be an integer >= 0"):
+        Evaluator(img_loader, txt_loader, rerank_topk=-1)
+    with pytest.raises(UserError, match="method must be one of fast, reference"):
+        Evaluator(img_loader, txt_loader, method="slow")
+
+
+def test_evaluator_with_several_query_sets():
+    img_loader, txt_loader, num_ids = make_loaders()
+    q_pids = torch.tensor([0, 1, 2, 3, 0, 1, 2, 3])
+    right = DataLoader(TensorDataset(q_pids, torch.stack([q_pids, q_pids], dim=1)), batch_size=3)
+    evaluator = Evaluator(img_loader, {"en": txt_loader, "zh": right}, method="reference")
+    assert evaluator.eval(OneHotModel(num_ids)) == pytest.approx(75.0)  # the first query set
+    assert list(evaluator.last_results) == ["t2i-en", "t2i-zh"]
+    assert evaluator.last_results["t2i-zh"]["R1"] == pytest.approx(100.0)
+    text_feats, _, q_ids, _ = evaluator.compute_embeddings(OneHotModel(num_ids), query_set="zh")
+    assert torch.equal(text_feats.argmax(dim=1), q_ids)
+    with pytest.raises(UserError, match="several query sets \\(en, zh\\)"):
+        evaluator.compute_embeddings(OneHotModel(num_ids))
+
+
+def test_bad_method():
+    similarity, q_pids, g_pids = random_case(49, 4, 30, 3)
+    with pytest.raises(UserError, match="method must be one of fast, reference; got 'sort'"):
+        rank(similarity, q_pids, g_pids, method="sort")
+    with pytest.raises(UserError, match="rerank_topk must be an integer >= 0"):
+        rank(similarity, q_pids, g_pids, rerank=TableReranker(similarity), rerank_topk=1.5)
