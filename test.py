@@ -16,7 +16,7 @@ from collections.abc import Sequence
 import torch
 
 from datasets import build_dataloader
-from processor.processor import do_inference
+from processor.evaluation import build_evaluator
 from processor.reporting import append_test_result, run_record
 from processor.run_loading import add_run_arguments, load_run_config, load_run_model, open_run_from_cli
 from utils.entry import run_main
@@ -32,6 +32,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--eval_chunk_size", type=non_negative_int, default=0,
                    help="queries per evaluation chunk (0 = from memory)")
     p.add_argument("--i2t", action="store_true", help="also report image-to-text retrieval")
+    p.add_argument("--rerank_topk", type=int, default=-1,
+                   help="two-stage methods (Bi-IRRA): images re-scored per query (0 = the first stage only; "
+                        "default: the run's)")
     return p.parse_args(argv)
 
 
@@ -43,9 +46,13 @@ def run(cli: argparse.Namespace):
     model = load_run_model(handle)
     loaders = build_dataloader(handle.args, handle.tokenizer(), test_transform=handle.test_transform(),
                                device=str(handle.device))
+    if cli.eval_chunk_size:
+        handle.args.eval_chunk_size = cli.eval_chunk_size
+    if cli.rerank_topk >= 0:
+        handle.args.rerank_topk = cli.rerank_topk
+    evaluator = build_evaluator(handle.method, handle.args, loaders.images, loaders.texts, handle.precision.autocast)
     with torch.inference_mode():
-        evaluator = do_inference(model, loaders.images, loaders.texts, autocast=handle.precision.autocast,
-                                 chunk_size=cli.eval_chunk_size or None, i2t_metric=cli.i2t)
+        evaluator.eval(model, i2t_metric=cli.i2t)
     selection = "test" if getattr(handle.args, "val_dataset", "test") == "test" else "val"
     record = run_record(handle.args, run_dir=handle.run_dir, selection_split=selection,
                         code_version=getattr(handle.args, "code_version", "unknown"))

@@ -26,6 +26,7 @@ import solver  # noqa: F401  (registers the solver options)
 from datasets import build_dataloader, load_benchmark, training_captions
 from datasets.build import selection_split
 from model.registry import get_method
+from processor.evaluation import build_evaluator
 from processor.processor import do_train
 from processor.reporting import final_report, run_record
 from processor.session import (RUN_TOKENIZER_DIR, RunContext, code_version, guard_run_folder, make_run_dir,
@@ -36,7 +37,6 @@ from utils.comm import init_distributed, run_on_main, shutdown, wrap_ddp
 from utils.entry import run_main
 from utils.errors import UserError
 from utils.logger import attach_log_file, setup_logger
-from utils.metrics import Evaluator
 from utils.options import get_args
 from utils.precision import Precision, resolve_precision
 
@@ -89,8 +89,7 @@ def run(args) -> tuple[float, int]:
         scaler = context.precision.grad_scaler()
         net = wrap_ddp(net, env)
         checkpointer = Checkpointer(net, optimizer, scheduler, run_dir, save_to_disk=env.is_main, scaler=scaler)
-        evaluator = Evaluator(loaders.images, loaders.texts, autocast=context.precision.autocast,
-                              chunk_size=args.eval_chunk_size or None)
+        evaluator = build_evaluator(method, args, loaders.images, loaders.texts, context.precision.autocast)
 
         start_epoch, best_top1, best_epoch = 1, 0.0, 0
         if args.resume:
@@ -117,7 +116,7 @@ def run(args) -> tuple[float, int]:
                             code_version=code_version())
         # The one look at the test split: the last weights and best.pth, into results.json (rank 0; the others wait).
         run_on_main(lambda: final_report(
-            net, checkpointer, args, tokenizer=tokenizer, test_transform=test_transform, precision=context.precision,
+            net, checkpointer, args, method=method, tokenizer=tokenizer, test_transform=test_transform, precision=context.precision,
             device=env.device, record=record, best_epoch=best_epoch, wall_time_s=seconds, samples_seen=samples))
         return best_top1, best_epoch
 

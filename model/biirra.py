@@ -45,6 +45,13 @@ def _net():
     return biirra_net
 
 
+def _retrieval():
+    # imports the network (see _net)
+    from model import biirra_retrieval
+
+    return biirra_retrieval
+
+
 def add_biirra_arguments(group: argparse._ArgumentGroup) -> None:
     """Bi-IRRA's own flags (``--model biirra``)."""
     group.add_argument("--biirra_arch", choices=BIIRRA_ARCHS, default="base",
@@ -157,5 +164,6 @@ BIIRRA_METHOD = register_method(Method(
     check_arguments=check_biirra_arguments,
     build_train_set=build_biirra_train_set,
     build_test_transform=lambda args: build_tbps_transforms(args.img_size, is_train=False),
+    evaluation=lambda model, args: _retrieval().BiIrraEvaluation(model, args.biirra_rerank_batch),
     languages=2,
 ))

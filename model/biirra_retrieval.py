@@ -137,3 +137,53 @@ def two_stage_scores(similarity: torch.Tensor, rerank: RerankFn, topk: int) -> t
         shifted = final - best_rest + stage2.amin(dim=1, keepdim=True) - 1.0
         final = torch.where(rest, shifted, final)
     return final.scatter(1, top, stage2)
+
+
+class BiIrraEvaluation:
+    """What :class:`utils.metrics.Evaluator` needs of a Bi-IRRA model (its ``wrap``): global features to rank by,
+    and per query language the language's text projection and the ITM re-ranker.
+
+    The gallery's image tokens are kept on the CPU (stage 2 fuses every query with its top-k images); the
+    captions' tokens are not: each re-ranking chunk encodes its queries' captions again, so memory grows with the
+    gallery only.
+
+    Args:
+        model: a trained :class:`BiIRRA`.
+        pairs_per_batch: (caption, image) pairs the fusion encoder scores at once.
+        language: the query language of this object's texts (None: the source language).
+    """
+
+    def __init__(self, model: BiIRRA, pairs_per_batch: int = 256, language: str | None = None,
+                 _image_tokens: list | None = None) -> None:
+        self.retrieval = BiIrraRetrieval(model, language, pairs_per_batch)
+        self._image_tokens = _image_tokens if _image_tokens is not None else []
+        self._gallery: torch.Tensor | None = None
+        self._caption_ids: list[torch.Tensor] = []
+
+    @property
+    def device(self) -> torch.device:
+        return self.retrieval.device
+
+    def for_query_set(self, name: str) -> "BiIrraEvaluation":
+        """The encoders and re-ranker of query language ``name`` ('' = the source language), sharing the gallery."""
+        return BiIrraEvaluation(self.retrieval.model, self.retrieval.pairs_per_batch, name or None,
+                                self._image_tokens)
+
+    def encode_images(self, images: torch.Tensor) -> torch.Tensor:
+        """images [B, 3, H, W] -> global features [B, E]; the image tokens are kept for re-ranking."""
+        feats, tokens = self.retrieval.encode_images(images)
+        self._image_tokens.append(tokens.cpu())
+        return feats
+
+    def encode_texts(self, ids: torch.Tensor) -> torch.Tensor:
+        """caption ids [B, L] -> global features [B, E] with this language's projection."""
+        self._caption_ids.append(ids.cpu())
+        return self.retrieval.encode_texts(ids)[0]
+
+    def rerank(self, query_indices: torch.Tensor, gallery_indices: torch.Tensor) -> torch.Tensor:
+        """ITM match logits [q, K] of queries ``query_indices`` [q] with their candidates ``gallery_indices`` [q, K]."""
+        if self._gallery is None:
+            self._gallery = torch.cat(self._image_tokens)
+        ids = torch.cat(self._caption_ids)[query_indices.cpu()]
+        _, tokens, mask = self.retrieval.encode_texts(ids)
+        return self.retrieval.rerank(tokens, mask, self._gallery, gallery_indices)

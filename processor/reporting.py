@@ -15,9 +15,9 @@ from collections.abc import Mapping
 from typing import Any, Optional
 
 from datasets import build_dataloader
+from processor.evaluation import build_evaluator
 from utils.checkpoint import unwrap_model
 from utils.errors import UserError
-from utils.metrics import Evaluator
 
 logger = logging.getLogger(__name__)
 
@@ -110,28 +110,28 @@ def append_test_result(run_dir: str, record: Mapping[str, Any], checkpoint: str,
     return path
 
 
-def test_results(model, args, tokenizer, test_transform, precision, device, chunk_size=None,
-                 rerank_topk: int = 0) -> dict[str, dict[str, float]]:
-    """The test metrics of ``model`` as it is (evaluated on the run's test split, one table per query language)."""
+def test_results(model, args, method, tokenizer, test_transform, precision, device) -> dict[str, dict[str, float]]:
+    """The test metrics of ``model`` as it is (evaluated on the run's test split as its method evaluates, one
+    table per query language and stage)."""
     test_args = argparse.Namespace(**{**vars(args), "training": False})
     loaders = build_dataloader(test_args, tokenizer, test_transform=test_transform, device=str(device))
-    evaluator = Evaluator(loaders.images, loaders.texts, autocast=precision.autocast, chunk_size=chunk_size)
+    evaluator = build_evaluator(method, test_args, loaders.images, loaders.texts, precision.autocast)
     evaluator.eval(unwrap_model(model))
     return dict(evaluator.last_results)
 
 
-def final_report(model, checkpointer, args, *, tokenizer, test_transform, precision, device, record,
+def final_report(model, checkpointer, args, *, method, tokenizer, test_transform, precision, device, record,
                  best_epoch: int, wall_time_s: float, samples_seen: int) -> str:
     """At the end of training: the test metrics of the last weights and of best.pth, into ``results.json``.
 
     The model is left with best.pth's weights when there is one (the run's chosen model)."""
     logger.info("Test split, last epoch's weights:")
-    last = test_results(model, args, tokenizer, test_transform, precision, device, args.eval_chunk_size or None)
+    last = test_results(model, args, method, tokenizer, test_transform, precision, device)
     best_path = os.path.join(record["run_dir"], "best.pth")
     if os.path.isfile(best_path):
         logger.info("Test split, best.pth (epoch %d, chosen on the %s split):", best_epoch, record["selection_split"])
         checkpointer.load(best_path)
-        best = test_results(model, args, tokenizer, test_transform, precision, device, args.eval_chunk_size or None)
+        best = test_results(model, args, method, tokenizer, test_transform, precision, device)
     else:
         best = last
     return write_results(record["run_dir"], record, best_epoch=best_epoch, num_epoch=args.num_epoch,
