@@ -4,9 +4,11 @@ home of the data flags (their option group is registered when ``datasets`` is im
 :func:`build_dataloader` parses the benchmark, builds the datasets, the sampler and the loaders.
 ``args.batch_size`` is the global batch: each rank's training loader takes
 ``batch_size // world_size`` samples per step (see :mod:`datasets.sampler` for how a rank's share is
-chosen). Seeds: the samplers use ``args.seed`` on every rank (all ranks must agree on the global
-order); the loader generator, which seeds the DataLoader workers and so the MLM masking streams, uses
-a seed derived from ``(args.seed, rank)`` so ranks mask differently but reproducibly.
+chosen). Seeds: the samplers use ``args.seed`` on every rank (all ranks must agree on the global order), and
+every training sample's random draws (augmentation, MLM masking) come from ``(args.seed, epoch, index)``
+(:mod:`datasets.resumable`), so they do not depend on the process layout, the number of workers or an
+interruption; the training loader can start an epoch at any iteration (``loader.sampler.set_epoch(epoch,
+start_iteration)``).
 """
 from __future__ import annotations
 
@@ -20,6 +22,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from datasets.bases import ImageDataset, ImageTextDataset, MaskingConfig, TextDataset, TrainSample
 from datasets.pedes import DATASETS, PedesDataset, build_dataset
+from datasets.resumable import EpochSampler, SeededSamples, worker_init
 from datasets.sampler import RandomIdentitySampler, ShardedRandomSampler
 from datasets.transforms import build_transforms
 from utils.comm import pins_memory
@@ -45,7 +48,8 @@ def make_loader(
     seed: int,
     sampler: Optional[Sampler] = None,
 ) -> DataLoader:
-    """A DataLoader in fixed (``sampler=None``) or sampler order, seeded workers, last batch kept."""
+    """A DataLoader in fixed (``sampler=None``) or sampler order, seeded workers that leave the stop signals to
+    the main process, last batch kept."""
     return DataLoader(
         dataset,
         batch_size=batch_size,
@@ -56,6 +60,7 @@ def make_loader(
         persistent_workers=num_workers > 0,
         generator=torch.Generator().manual_seed(seed),
         drop_last=False,
+        worker_init_fn=worker_init if num_workers > 0 else None,
     )
 
 
@@ -122,7 +127,10 @@ register_options(OptionGroup("data", _add_data_options, _check_data_options, _de
 
 def irra_train_set(args: argparse.Namespace, samples: Sequence[TrainSample], tokenizer: Tokenizer,
                    seed: int) -> ImageTextDataset:
-    """IRRA's training pipeline: its augmentation, the captions tokenised once, MLM masking when ``args.MLM``."""
+    """IRRA's training pipeline: its augmentation, the captions tokenised once, MLM masking when ``args.MLM``.
+
+    ``seed`` is not needed: the loader seeds each sample's draws (see the module docstring).
+    """
     masking = None
     if getattr(args, "MLM", False):
         masking = MaskingConfig.for_tokenizer(
@@ -138,7 +146,6 @@ def irra_train_set(args: argparse.Namespace, samples: Sequence[TrainSample], tok
         tokenizer=tokenizer,
         masking=masking,
         keep_caption_unmasked=bool(getattr(args, "keep_caption_unmasked", False)),
-        seed=seed,
     )
 
 
@@ -216,11 +223,11 @@ def build_dataloader(args, tokenizer: Optional[Tokenizer] = None, *, dataset: Op
     if not dataset.train:
         raise UserError(f"'{dataset.anno_path}' has no entries with split 'train'; there is nothing to train on.")
     val_split = dataset.split(args.val_dataset)  # checked before the (slower) training set is tokenised
-    train_set = (build_train_set or irra_train_set)(args, dataset.train, tokenizer, loader_seed)
-    sampler = _train_sampler(args, dataset, world_size, rank, seed)
-    train_loader = make_loader(
-        train_set, args.batch_size // world_size, args.num_workers, pin_memory, loader_seed, sampler=sampler
-    )
+    train_set = (build_train_set or irra_train_set)(args, dataset.train, tokenizer, seed)
+    local_batch = args.batch_size // world_size
+    sampler = EpochSampler(_train_sampler(args, dataset, world_size, rank, seed), local_batch)
+    train_loader = make_loader(SeededSamples(train_set, seed), local_batch, args.num_workers, pin_memory,
+                               loader_seed, sampler=sampler)
     images, texts = make_eval_loaders(val_split, test_transform, args.text_length, args.batch_size,
                                       args.num_workers, pin_memory, loader_seed, tokenizer)
     return DataLoaders(train_loader, images, texts, dataset.num_classes)
