@@ -14,7 +14,7 @@ from collections.abc import Sequence
 
 import torch
 
-from datasets import build_dataloader
+from datasets import build_dataloader, build_dataset
 from processor.processor import do_inference
 from processor.run_loading import add_run_arguments, load_run_config, load_run_model, open_run_from_cli
 from utils.entry import run_main
@@ -38,8 +38,10 @@ def run(cli: argparse.Namespace):
     logger = setup_logger("IRRA", save_dir=handle.run_dir, if_train=False)
     logger.info("Evaluating %s (%s) on %s, precision %s", handle.checkpoint, handle.args.dataset_name,
                 handle.device, handle.args.precision)
+    dataset = build_dataset(handle.args.dataset_name, handle.args.root_dir)
+    dataset.check_image_files(("test",))  # before the model is built: a missing image is found at once
     model = load_run_model(handle)
-    loaders = build_dataloader(handle.args, handle.tokenizer(), test_transform=handle.test_transform(),
+    loaders = build_dataloader(handle.args, handle.tokenizer(), dataset=dataset, test_transform=handle.test_transform(),
                                device=str(handle.device))
     with torch.inference_mode():
         evaluator = do_inference(model, loaders.images, loaders.texts, autocast=handle.precision.autocast,

@@ -92,8 +92,14 @@ def _add_general(g: argparse._ArgumentGroup) -> None:
     g.add_argument("--log_period", type=positive_int, default=100, help="log every N iterations")
     g.add_argument("--eval_period", type=positive_int, default=1, help="evaluate every N epochs")
     g.add_argument("--val_dataset", default="test", choices=("test", "val"), help="split used for validation")
-    g.add_argument("--resume", action="store_true", help="continue the run saved in --resume_ckpt_file")
-    g.add_argument("--resume_ckpt_file", default="", help="checkpoint to resume (a last.pth or best.pth)")
+    g.add_argument("--resume", action="store_true",
+                   help="continue the run of --resume_ckpt_file in its own folder, from where it was saved")
+    g.add_argument("--resume_ckpt_file", default="", help="checkpoint to resume: a run's last.pth")
+    g.add_argument("--auto_resume", action="store_true",
+                   help="continue the newest run of this --output_dir/--dataset_name/--name if it has a last.pth, "
+                        "else start one (for jobs that are requeued after a preemption or a crash)")
+    g.add_argument("--checkpoint_every", type=non_negative_int, default=0,
+                   help="also write last.pth every N iterations (0: at the end of each epoch only)")
     g.add_argument("--device", default="auto", help="cpu, cuda, cuda:N, or auto (cuda when available)")
     g.add_argument("--precision", default="auto", choices=("auto", *PRECISIONS),
                    help="fp16 = IRRA's half-precision weights (auto on CUDA); amp = fp32 weights + autocast; "
@@ -107,6 +113,9 @@ def _add_general(g: argparse._ArgumentGroup) -> None:
 def _check_general(args: argparse.Namespace) -> None:
     if args.resume and not args.resume_ckpt_file:
         raise UserError("--resume needs --resume_ckpt_file PATH (e.g. logs/<dataset>/<run>/last.pth)")
+    if args.auto_resume and args.resume:
+        raise UserError("--auto_resume finds the checkpoint itself; drop --resume/--resume_ckpt_file, or "
+                        "--auto_resume")
 
 
 GENERAL = OptionGroup("general", _add_general, _check_general)
