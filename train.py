@@ -42,7 +42,7 @@ from utils.logger import attach_log_file, setup_logger
 from utils.metrics import Evaluator
 from utils.options import get_args
 from utils.precision import Precision, resolve_precision
-from utils.signals import install_stop_signals
+from utils.signals import stop_signals_interrupt
 from utils.tokenizers import Tokenizer
 
 logger = logging.getLogger("IRRA")
@@ -73,7 +73,6 @@ def check_inputs(args: argparse.Namespace, method: Method) -> Inputs:
 
 
 def run(args) -> tuple[float, int]:
-    install_stop_signals()
     method = get_method(args.model)
     env = init_distributed(args.device)
     context = RunContext(env, Precision(resolve_precision(args.precision, env.device), env.device))
@@ -137,7 +136,8 @@ def run(args) -> tuple[float, int]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     try:
-        return run_main(get_args, run, argv)
+        with stop_signals_interrupt():  # a SIGTERM before the training loop unwinds (and cleans up) too
+            return run_main(get_args, run, argv)
     finally:
         shutdown()
 

@@ -10,6 +10,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
+import logging
+
 import pytest
 import torch
 
@@ -21,3 +23,15 @@ def single_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(autouse=True)
+def fresh_log_handlers():
+    """Entry points called in-process attach console and file handlers to the root logger; remove them after
+    each test, so that no later test logs into a closed capture stream or another test's run folder."""
+    yield
+    root = logging.getLogger()
+    for handler in list(root.handlers):
+        if getattr(handler, "_irra_handler", False):
+            root.removeHandler(handler)
+            handler.close()

@@ -82,32 +82,32 @@ def run_main(parse_args: Callable[[Sequence[str] | None], Any], run: Callable[[A
              argv: Sequence[str] | None = None) -> int:
     """``run(parse_args(argv))``; returns 0, or the exit status of the failure after reporting it (module
     docstring)."""
-    main_rank = launch_rank() == 0
     try:
         args = parse_args(argv)
     except UserError as err:  # every process parses the same command line: rank 0 says what is wrong
-        if main_rank:
-            _report(f"error: {err}")
-        return err.exit_code
+        return _ending(f"error: {err}", err.exit_code, launch_rank() == 0)
     try:
         run(args)
     except PeerError as err:
-        _wait_for_launcher()
-        return err.exit_code
+        return _ending("", err.exit_code, False)
     except UserError as err:
-        _report(f"error: {user_message(err)}")
-        record_for_launcher(f"error: {user_message(err)}")
-        return err.exit_code
-    except Stopped as err:
-        if main_rank:
-            _report(str(err))
-            record_for_launcher(str(err))
-        return err.exit_code
+        return _ending(f"error: {user_message(err)}", err.exit_code, True)
+    except Stopped as err:  # every process was stopped alike: rank 0 says where
+        return _ending(str(err), err.exit_code, launch_rank() == 0)
     except KeyboardInterrupt:
-        if main_rank:
-            _report("error: interrupted (Ctrl-C)")
-        return signal_exit_code(signal.SIGINT)
+        return _ending("error: interrupted (Ctrl-C)", signal_exit_code(signal.SIGINT), launch_rank() == 0)
     return 0
+
+
+def _ending(message: str, status: int, reports: bool) -> int:
+    """Report ``message`` (to the terminal and torchrun) when this process ``reports`` it, else stay silent
+    and let torchrun see the reporting process first; returns ``status``."""
+    if reports:
+        _report(message)
+        record_for_launcher(message)
+    else:
+        _wait_for_launcher()
+    return status
 
 
 __all__ = ["EXIT_USER_ERROR", "launch_rank", "record_for_launcher", "run_main"]

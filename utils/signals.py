@@ -2,7 +2,7 @@
 SIGINT (Ctrl-C).
 
 Outside the training loop, SIGINT raises KeyboardInterrupt (Python's default) and SIGTERM / SIGUSR1 raise
-:class:`~utils.errors.Stopped` (:func:`install_stop_signals`), so start-up code unwinds and cleans up instead of
+:class:`~utils.errors.Stopped` (:func:`stop_signals_interrupt`), so start-up code unwinds and cleans up instead of
 dying mid-way. Inside it, :class:`DeferredStop` only records the signal: the loop finishes the iteration,
 writes its checkpoint and stops at a point of its choosing. A second Ctrl-C while a stop is pending raises
 KeyboardInterrupt at once. DataLoader workers ignore the three signals (:func:`ignore_stop_signals`): a terminal
@@ -16,6 +16,8 @@ from __future__ import annotations
 import os
 import signal
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from types import FrameType
 
 from utils.errors import Stopped
@@ -47,13 +49,20 @@ def _raise_stopped(signum: int, frame: FrameType | None) -> None:
     raise Stopped(f"stopped by {signal_name(signum)}", exit_code(signum))
 
 
-def install_stop_signals() -> None:
-    """SIGTERM and SIGUSR1 raise :class:`Stopped` from now on (SIGINT keeps raising KeyboardInterrupt)."""
-    if not _in_main_thread():
-        return
-    for signum in STOP_SIGNALS:
-        if signum != signal.SIGINT:
-            signal.signal(signum, _raise_stopped)
+@contextmanager
+def stop_signals_interrupt() -> Iterator[None]:
+    """Within the block SIGTERM and SIGUSR1 raise :class:`Stopped` (SIGINT keeps raising KeyboardInterrupt);
+    the previous handlers come back at its end."""
+    previous = {}
+    if _in_main_thread():
+        for signum in STOP_SIGNALS:
+            if signum != signal.SIGINT:
+                previous[signum] = signal.signal(signum, _raise_stopped)
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
 
 
 class DeferredStop:
