@@ -138,8 +138,8 @@ def test_deferred_stop_records_and_puts_the_handlers_back():
         os.kill(os.getpid(), signal.SIGUSR1)  # the first signal wins
         time.sleep(0.01)
         assert stop.received == signal.SIGTERM
-        os.kill(os.getpid(), signal.SIGINT)  # a Ctrl-C while a stop is pending stops at once
-        with pytest.raises(KeyboardInterrupt):
+        with pytest.raises(KeyboardInterrupt):  # a Ctrl-C while a stop is pending stops at once
+            os.kill(os.getpid(), signal.SIGINT)
             time.sleep(1)
     assert signal.getsignal(signal.SIGTERM) == before
 
