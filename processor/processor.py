@@ -130,7 +130,7 @@ def optimizer_step(optimizer, scaler, total_loss: torch.Tensor) -> bool:
 
 def train_one_epoch(model, criterion, train_loader, optimizer, precision: Precision, scaler, device: torch.device,
                     epoch: int, log_period: int, lr: float, show_progress: bool, progress: Progress,
-                    guard: TrainingGuard | None = None, num_epoch: int = 0) -> tuple[dict[str, float], dict, int, bool]:
+                    guard: TrainingGuard | None = None) -> tuple[dict[str, float], dict, int, bool]:
     """Run the iterations of ``epoch`` after ``progress.iteration`` (the loader starts there), updating
     ``progress`` after each; ``guard`` checks, checkpoints and may stop between iterations.
 
@@ -167,7 +167,7 @@ def train_one_epoch(model, criterion, train_loader, optimizer, precision: Precis
             if step % log_period == 0:
                 logger.info(format_progress(epoch, step, num_iterations, means, lr))
             bar.set_postfix(loss=f"{means.get('loss', 0.0):.3f}")
-        if guard is not None and guard.after_iteration(progress, num_epoch):
+        if guard is not None and guard.after_iteration(progress):
             stopped = True
             break
     bar.close()
@@ -230,7 +230,7 @@ def do_train(args, model, criterion, train_loader, evaluator, optimizer, schedul
     global_batch = getattr(args, "batch_size", None)
     every = int(getattr(args, "checkpoint_every", 0) or 0)
     with DeferredStop() as stop:
-        guard = TrainingGuard(checkpointer, model, env, every, run_facts or {}, stop)
+        guard = TrainingGuard(checkpointer, model, env, every, args.num_epoch, run_facts or {}, stop)
         try:
             logger.info("Start training: epochs %d..%d%s, checkpoint every %s", progress.epoch + 1, args.num_epoch,
                         f" (from iteration {progress.iteration + 1})" if progress.iteration else "",
@@ -241,9 +241,9 @@ def do_train(args, model, criterion, train_loader, evaluator, optimizer, schedul
                 start = time.time()
                 means, ret, steps, stopped = train_one_epoch(
                     model, criterion, train_loader, optimizer, precision, scaler, env.device, epoch,
-                    args.log_period, lr, env.is_main, progress, guard, args.num_epoch)
+                    args.log_period, lr, env.is_main, progress, guard)
                 if stopped:
-                    raise guard.stopped(progress, args.num_epoch)
+                    raise guard.stopped(progress)
                 elapsed = time.time() - start
                 scheduler.step()
                 if env.is_main:
@@ -254,11 +254,11 @@ def do_train(args, model, criterion, train_loader, evaluator, optimizer, schedul
                         epoch, args.num_epoch, model, evaluator, checkpointer, tb_writer, progress.best_top1,
                         progress.best_epoch, run_facts))
                 progress.finish_epoch()
-                guard.save_last(progress, args.num_epoch)
+                guard.save_last(progress)
                 if tb_writer is not None:
                     tb_writer.flush()
                 if epoch < args.num_epoch and guard.should_stop():
-                    raise guard.stopped(progress, args.num_epoch)
+                    raise guard.stopped(progress)
         finally:
             guard.close()
     if env.is_main:

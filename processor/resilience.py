@@ -144,17 +144,19 @@ class TrainingGuard:
         model: the trained model (its weights are checked before each save).
         env: the process layout.
         checkpoint_every: write ``last.pth`` every N iterations (0: at the end of each epoch only).
+        num_epoch: the run's length (recorded in ``last.pth``).
         run_facts: what ``last.pth`` records about the run (``{"options": …, "data": …}``), for the checks made
             when it is resumed.
         stop: the signal recorder installed around the training loop.
     """
 
     def __init__(self, checkpointer: Checkpointer, model: nn.Module, env: DistEnv, checkpoint_every: int,
-                 run_facts: Mapping[str, Any], stop: DeferredStop) -> None:
+                 num_epoch: int, run_facts: Mapping[str, Any], stop: DeferredStop) -> None:
         self.checkpointer = checkpointer
         self.model = model
         self.env = env
         self.checkpoint_every = checkpoint_every
+        self.num_epoch = num_epoch
         self.run_facts = dict(run_facts)
         self.stop = stop
         self.watch = NonFiniteWatch()
@@ -173,7 +175,7 @@ class TrainingGuard:
         """Raise :class:`TrainingDiverged` when a loss term of an iteration so far was not finite (collective)."""
         self.watch.check(self._what_is_saved() if self.saved_at else "last.pth was not overwritten")
 
-    def save_last(self, progress, num_epoch: int) -> None:
+    def save_last(self, progress) -> None:
         """Write ``last.pth`` with everything needed to continue exactly from ``progress`` (a
         :class:`processor.processor.Progress`), after checking that the loss and the weights are finite."""
         self.check_finite()
@@ -186,25 +188,25 @@ class TrainingGuard:
         rng = all_gather_objects(capture_rng_state())
         state = progress.state_dict()
         run_on_main(lambda: self.checkpointer.save(
-            "last", epoch=progress.epoch, num_epoch=num_epoch, best_top1=progress.best_top1,
+            "last", epoch=progress.epoch, num_epoch=self.num_epoch, best_top1=progress.best_top1,
             best_epoch=progress.best_epoch, progress=state, rng=rng, run=self.run_facts))
         self.saved_at = (progress.epoch, progress.iteration)
 
-    def after_iteration(self, progress, num_epoch: int) -> bool:
+    def after_iteration(self, progress) -> bool:
         """The periodic checkpoint, then whether to stop now (the same answer on every rank)."""
         if self.checkpoint_every and progress.global_step % self.checkpoint_every == 0:
-            self.save_last(progress, num_epoch)
+            self.save_last(progress)
         return self.should_stop()
 
     def should_stop(self) -> bool:
         self.stop_signal = self.vote.poll(self.stop.received or 0)
         return self.stop_signal > 0
 
-    def stopped(self, progress, num_epoch: int) -> Stopped:
+    def stopped(self, progress) -> Stopped:
         """Save ``last.pth`` at ``progress`` (unless it was just saved there) and return the exception that ends
         the run, its message saying where it stopped and how to continue."""
         if self.saved_at != (progress.epoch, progress.iteration):
-            self.save_last(progress, num_epoch)
+            self.save_last(progress)
         signum = self.stop_signal or self.stop.received or int(signal.SIGTERM)
         where = (f"the end of epoch {progress.epoch}" if progress.iteration == 0
                  else f"epoch {progress.epoch + 1}, iteration {progress.iteration}")

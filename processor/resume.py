@@ -83,16 +83,16 @@ def check_same_run(saved: Mapping[str, Any], current: Mapping[str, Any], path: s
     if data and data.get("dataset_name") != here.get("dataset_name"):
         raise UserError(f"checkpoint {path} was written by a run on {data.get('dataset_name')}, this one trains on "
                         f"{here.get('dataset_name')}; resume with --dataset_name {data.get('dataset_name')}, or "
-                        f"start a new run without --resume")
+                        f"start a new run (without --resume, or with another --name)")
     options = differences(saved, current)
     if options:
         raise UserError(f"checkpoint {path} was written by a run with other settings ({'; '.join(options)}); "
-                        f"resume with the same settings, or start a new run without --resume")
+                        f"resume with the same settings, or start a new run (without --resume, or with another --name)")
     if data and (data.get("samples"), data.get("fingerprint")) != (here.get("samples"), here.get("fingerprint")):
         raise UserError(f"checkpoint {path} was written by a run on other {here.get('dataset_name')} training data "
                         f"({data.get('samples')} samples, fingerprint {data.get('fingerprint')}; here "
                         f"{here.get('samples')} samples, fingerprint {here.get('fingerprint')}); resume with the "
-                        f"--root_dir of that run, or start a new run without --resume")
+                        f"--root_dir of that run, or start a new run (without --resume, or with another --name)")
 
 
 def latest_run_checkpoint(output_dir: str, dataset_name: str, name: str) -> str | None:
@@ -122,7 +122,7 @@ class ResumePoint:
         path: the ``last.pth``.
         data: its contents.
         run_dir: the run folder to continue in ("" when the file is not inside a run folder: a new one is made).
-        progress: where it stands.
+        progress: where it stands (its running means on the CPU).
         finished: the run had already trained all of ``--num_epoch``.
     """
 
@@ -133,9 +133,9 @@ class ResumePoint:
     finished: bool
 
 
-def _saved_progress(data: Mapping[str, Any], path: str) -> Progress:
+def _saved_progress(data: Mapping[str, Any], path: str, device: torch.device) -> Progress:
     if "progress" in data:
-        return Progress.from_state_dict(data["progress"], torch.device("cpu"))
+        return Progress.from_state_dict(data["progress"], device)
     # A last.pth written before exact resume existed: an epoch's end, without random states.
     logger.warning("%s holds no position or random states (an older last.pth): training continues after its "
                    "epoch %s, correctly but not number for number", path, data.get("epoch", 0))
@@ -167,7 +167,7 @@ def open_resume_point(args: argparse.Namespace, facts: Mapping[str, Any]) -> Res
                         f"last.pth, which has the optimizer state too")
     if "run" in data:
         check_same_run(data["run"], facts, path)
-    progress = _saved_progress(data, path)
+    progress = _saved_progress(data, path, torch.device("cpu"))
     finished = progress.epoch >= args.num_epoch and progress.iteration == 0
     folder = os.path.dirname(os.path.abspath(path))
     run_dir = folder if os.path.isfile(os.path.join(folder, CONFIG_NAME)) else ""
@@ -185,8 +185,7 @@ def restore_training(point: ResumePoint, checkpointer: Checkpointer, env: DistEn
     if point.run_dir and env.is_main:
         for name in remove_leftovers(point.run_dir):
             logger.info("Removed %s, left by a process killed while it was saving", name)
-    progress = point.progress
-    progress.meters = type(progress.meters).from_state_dict(progress.meters.state_dict(), env.device)
+    progress = _saved_progress(point.data, point.path, env.device) if "progress" in point.data else point.progress
     where = (f"the end of epoch {progress.epoch}" if progress.iteration == 0
              else f"epoch {progress.epoch + 1}, iteration {progress.iteration}")
     logger.info("Resumed from %s: continuing after %s (best R1 so far %.3f)", point.path, where, progress.best_top1)

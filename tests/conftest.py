@@ -10,10 +10,10 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
-import logging
-
 import pytest
 import torch
+
+from utils.logger import remove_handlers
 
 
 @pytest.fixture(autouse=True)
@@ -30,8 +30,4 @@ def fresh_log_handlers():
     """Entry points called in-process attach console and file handlers to the root logger; remove them after
     each test, so that no later test logs into a closed capture stream or another test's run folder."""
     yield
-    root = logging.getLogger()
-    for handler in list(root.handlers):
-        if getattr(handler, "_irra_handler", False):
-            root.removeHandler(handler)
-            handler.close()
+    remove_handlers()

@@ -427,18 +427,17 @@ def nan_at(monkeypatch):
     from model.irra import IRRACriterion
 
     original = IRRACriterion.forward
-    calls = [0]
+    calls, target = [0], [0]
 
     def forward(self, outputs, batch):
         terms = original(self, outputs, batch)
         calls[0] += 1
-        if calls[0] == step[0]:
+        if calls[0] == target[0]:
             terms["sdm_loss"] = terms["sdm_loss"] * float("nan")
         return terms
 
-    step = [0]
     monkeypatch.setattr(IRRACriterion, "forward", forward)
-    return lambda n: step.__setitem__(0, n)
+    return lambda n: target.__setitem__(0, n)
 
 
 def test_a_non_finite_loss_stops_naming_the_step_and_keeps_last_pth(data, tmp_path, capsys, nan_at):

@@ -86,7 +86,8 @@ def test_only_the_newest_run_of_a_name_is_continued(tmp_path):
     # the newest attempt died before its first checkpoint: it starts again, the older run is not picked up
     assert latest_run_checkpoint(str(tmp_path), "CUHK-PEDES", "irra") is None
     (base / "20240102_000000_irra_2" / "last.pth").write_bytes(b"x")
-    assert latest_run_checkpoint(str(tmp_path), "CUHK-PEDES", "irra") == str(base / "20240102_000000_irra_2" / "last.pth")
+    newest = base / "20240102_000000_irra_2" / "last.pth"
+    assert latest_run_checkpoint(str(tmp_path), "CUHK-PEDES", "irra") == str(newest)
     assert latest_run_checkpoint(str(tmp_path), "CUHK-PEDES", "irr") is None
     assert latest_run_checkpoint(str(tmp_path), "RSTPReid", "irra") is None
 
