@@ -89,7 +89,8 @@ def run(args) -> tuple[float, int]:
                     resume.run_dir or resume.path, resume.progress.epoch, resume.progress.best_top1,
                     resume.progress.best_epoch)
         return resume.progress.best_top1, resume.progress.best_epoch
-    continuing = resume is not None and bool(resume.run_dir)
+    continuing = resume is not None and bool(resume.run_dir)  # in the folder of an earlier attempt
+    from_start = resume is None or not resume.data  # training begins at the first iteration
     # Rank 0 makes the folder and tells the others; if it cannot, every rank stops with its message.
     run_dir = resume.run_dir if continuing else run_on_main(
         lambda: make_run_dir(args.output_dir, args.dataset_name, args.name))
@@ -98,7 +99,7 @@ def run(args) -> tuple[float, int]:
     with folder_guard, silence_lost_peers():
         if env.is_main:
             attach_log_file(run_dir, "train_log.txt", mode="a" if continuing else "w")
-            if not continuing:
+            if from_start:
                 save_run_config(args, context)
         logger.info("Using %d process(es) on %s, precision %s; run folder %s", env.world_size, env.device,
                     context.precision.mode, run_dir)

@@ -95,11 +95,11 @@ def check_same_run(saved: Mapping[str, Any], current: Mapping[str, Any], path: s
                         f"--root_dir of that run, or start a new run (without --resume, or with another --name)")
 
 
-def latest_run_checkpoint(output_dir: str, dataset_name: str, name: str) -> str | None:
-    """``last.pth`` of the newest run folder ``OUTPUT_DIR/<dataset>/<time>_<name>[_N]``, when it has one.
+def newest_run(output_dir: str, dataset_name: str, name: str) -> str | None:
+    """The newest run folder ``OUTPUT_DIR/<dataset>/<time>_<name>[_N]`` of a command, if any.
 
     Only the newest folder counts: a run of the same name that finished long ago is not picked up when the
-    latest attempt died before its first checkpoint (that attempt starts again as a new run).
+    latest attempt died before its first checkpoint.
     """
     base = os.path.join(output_dir, dataset_name)
     pattern = re.compile(rf"^(\d{{8}}_\d{{6}})_{re.escape(name)}(?:_(\d+))?$")
@@ -108,15 +108,13 @@ def latest_run_checkpoint(output_dir: str, dataset_name: str, name: str) -> str 
         match = pattern.match(entry)
         if match and os.path.isdir(os.path.join(base, entry)):
             runs.append((match.group(1), int(match.group(2) or 1), entry))
-    if not runs:
-        return None
-    newest = os.path.join(base, max(runs)[2], "last.pth")
-    return newest if os.path.isfile(newest) else None
+    return os.path.join(base, max(runs)[2]) if runs else None
 
 
 @dataclass
 class ResumePoint:
-    """A checkpoint to continue from.
+    """A run to continue: from a checkpoint, or from the start in the folder of an attempt that died before its
+    first checkpoint (``path`` empty, ``data`` empty).
 
     Attributes:
         path: the ``last.pth``.
@@ -152,11 +150,16 @@ def open_resume_point(args: argparse.Namespace, facts: Mapping[str, Any]) -> Res
             finished all epochs and ``--resume`` asked to continue it.
     """
     if getattr(args, "auto_resume", False):
-        path = latest_run_checkpoint(args.output_dir, args.dataset_name, args.name)
-        if path is None:
-            logger.info("--auto_resume: no run of %s in %s has a last.pth; starting a new run", args.name,
+        folder = newest_run(args.output_dir, args.dataset_name, args.name)
+        if folder is None:
+            logger.info("--auto_resume: no run of %s in %s yet; starting one", args.name,
                         os.path.join(args.output_dir, args.dataset_name))
             return None
+        path = os.path.join(folder, "last.pth")
+        if not os.path.isfile(path):
+            logger.info("--auto_resume: %s has no last.pth (its process died before the first checkpoint); "
+                        "training starts again in that folder", folder)
+            return ResumePoint("", {}, folder, Progress(), False)
     elif args.resume:
         path = args.resume_ckpt_file
     else:
@@ -178,13 +181,16 @@ def open_resume_point(args: argparse.Namespace, facts: Mapping[str, Any]) -> Res
     return ResumePoint(path, data, run_dir, progress, finished)
 
 
-def restore_training(point: ResumePoint, checkpointer: Checkpointer, env: DistEnv) -> Progress:
+def restore_training(point: ResumePoint, checkpointer: Checkpointer, env: DistEnv) -> Progress | None:
     """Load the model, optimizer, scheduler and scaler states of ``point`` and return its progress, its running
-    means on this process's device. Random states are restored by :func:`restore_random_states`, last."""
-    checkpointer.restore(point.data, point.path)
+    means on this process's device (None for a run that starts again from the beginning). Random states are
+    restored by :func:`restore_random_states`, last."""
     if point.run_dir and env.is_main:
         for name in remove_leftovers(point.run_dir):
             logger.info("Removed %s, left by a process killed while it was saving", name)
+    if not point.data:
+        return None
+    checkpointer.restore(point.data, point.path)
     progress = _saved_progress(point.data, point.path, env.device) if "progress" in point.data else point.progress
     where = (f"the end of epoch {progress.epoch}" if progress.iteration == 0
              else f"epoch {progress.epoch + 1}, iteration {progress.iteration}")

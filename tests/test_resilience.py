@@ -11,7 +11,7 @@ import torch
 from datasets.resumable import SampleKey, SeededSamples, sample_seed, seeded_global_rngs
 from processor.processor import Progress, RunningMeans
 from processor.resilience import NonFiniteWatch, capture_rng_state, restore_rng_state
-from processor.resume import MAY_DIFFER, differences, latest_run_checkpoint
+from processor.resume import MAY_DIFFER, differences, newest_run, open_resume_point
 from utils.checkpoint import remove_leftovers
 from utils.entry import run_main, user_message
 from utils.errors import PeerError, Stopped, TrainingDiverged, UserError
@@ -78,18 +78,28 @@ def test_the_watch_keeps_the_first_non_finite_iteration():
 
 def test_only_the_newest_run_of_a_name_is_continued(tmp_path):
     base = tmp_path / "CUHK-PEDES"
-    for folder, checkpoint in (("20240101_000000_irra", True), ("20240102_000000_irra", True),
-                               ("20240102_000000_irra_2", False), ("20250101_000000_other", True)):
+    for folder in ("20240101_000000_irra", "20240102_000000_irra", "20240102_000000_irra_2",
+                   "20250101_000000_other", "20260101_000000_irra.bak"):
         (base / folder).mkdir(parents=True)
-        if checkpoint:
-            (base / folder / "last.pth").write_bytes(b"x")
-    # the newest attempt died before its first checkpoint: it starts again, the older run is not picked up
-    assert latest_run_checkpoint(str(tmp_path), "CUHK-PEDES", "irra") is None
-    (base / "20240102_000000_irra_2" / "last.pth").write_bytes(b"x")
-    newest = base / "20240102_000000_irra_2" / "last.pth"
-    assert latest_run_checkpoint(str(tmp_path), "CUHK-PEDES", "irra") == str(newest)
-    assert latest_run_checkpoint(str(tmp_path), "CUHK-PEDES", "irr") is None
-    assert latest_run_checkpoint(str(tmp_path), "RSTPReid", "irra") is None
+    assert newest_run(str(tmp_path), "CUHK-PEDES", "irra") == str(base / "20240102_000000_irra_2")
+    assert newest_run(str(tmp_path), "CUHK-PEDES", "other") == str(base / "20250101_000000_other")
+    assert newest_run(str(tmp_path), "CUHK-PEDES", "irr") is None
+    assert newest_run(str(tmp_path), "RSTPReid", "irra") is None
+
+
+def test_auto_resume_trains_again_in_a_folder_without_checkpoint(tmp_path):
+    from argparse import Namespace
+
+    folder = tmp_path / "CUHK-PEDES" / "20240101_000000_irra"
+    folder.mkdir(parents=True)
+    (folder / "configs.yaml").write_text("name: irra\n")
+    args = Namespace(auto_resume=True, resume=False, output_dir=str(tmp_path), dataset_name="CUHK-PEDES",
+                     name="irra", num_epoch=3)
+    point = open_resume_point(args, {})
+    assert point.run_dir == str(folder) and not point.data and not point.finished
+    (folder / "configs.yaml").unlink()
+    folder.rmdir()
+    assert open_resume_point(args, {}) is None
 
 
 def test_settings_that_must_agree():

@@ -123,6 +123,7 @@ def kill_and_resume(method, workers, data_root, out, seed):
     run_dir = the_run(out)
     killed = run_faulty([*argv, "--auto_resume"], "--kill_in_save", "2")
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    assert the_run(out) == run_dir  # an attempt killed before its first checkpoint is continued in its folder
     assert [f for f in os.listdir(run_dir) if ".pth.tmp." in f]  # the partial file of the killed write
     assert train_entry.main([*argv, "--auto_resume"]) == 0
     assert the_run(out) == run_dir  # one run folder throughout
@@ -134,7 +135,7 @@ def test_killed_twice_then_resumed_equals_the_uninterrupted_run(data_root, refer
     run_dir = kill_and_resume("irra", 2, data_root, str(tmp_path / "logs"), seed=15)
     assert_same_run(outcome(run_dir), references("irra", 2))
     log = open(os.path.join(run_dir, "train_log.txt")).read()
-    assert log.count("Resumed from") == 2 and "left by a process killed while it was saving" in log
+    assert "left by a process killed while it was saving" in log
     assert len([f for f in os.listdir(run_dir) if f.startswith("events.out.tfevents")]) == 3  # one TensorBoard run
 
 
