@@ -9,13 +9,15 @@ config file (released runs move), so no pretrained CLIP file is needed. Results 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Sequence
 
 import torch
 
-from datasets import build_dataloader, build_dataset
+from datasets import build_dataloader, check_images, load_benchmark
 from processor.processor import do_inference
+from processor.reporting import append_test_result, run_record
 from processor.run_loading import add_run_arguments, load_run_config, load_run_model, open_run_from_cli
 from utils.entry import run_main
 from utils.logger import setup_logger
@@ -38,14 +40,18 @@ def run(cli: argparse.Namespace):
     logger = setup_logger("IRRA", save_dir=handle.run_dir, if_train=False)
     logger.info("Evaluating %s (%s) on %s, precision %s", handle.checkpoint, handle.args.dataset_name,
                 handle.device, handle.args.precision)
-    dataset = build_dataset(handle.args.dataset_name, handle.args.root_dir)
-    dataset.check_image_files(("test",))  # before the model is built: a missing image is found at once
+    dataset = load_benchmark(handle.args)
+    check_images(dataset, ("test",))  # before the model is built: a missing image is found at once
     model = load_run_model(handle)
     loaders = build_dataloader(handle.args, handle.tokenizer(), dataset=dataset, test_transform=handle.test_transform(),
                                device=str(handle.device))
     with torch.inference_mode():
         evaluator = do_inference(model, loaders.images, loaders.texts, autocast=handle.precision.autocast,
                                  chunk_size=cli.eval_chunk_size or None, i2t_metric=cli.i2t)
+    selection = "test" if getattr(handle.args, "val_dataset", "test") == "test" else "val"
+    record = run_record(handle.args, run_dir=handle.run_dir, selection_split=selection,
+                        code_version=getattr(handle.args, "code_version", "unknown"))
+    append_test_result(handle.run_dir, record, os.path.basename(handle.checkpoint), evaluator.last_results)
     return evaluator.last_results
 
 

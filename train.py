@@ -14,8 +14,10 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
+import os
 import random
 import sys
+import time
 from collections.abc import Sequence
 from contextlib import nullcontext
 from typing import Any, NamedTuple
@@ -26,13 +28,15 @@ import torch
 import datasets  # noqa: F401  (registers the data options)
 import model  # noqa: F401  (registers the methods and their options)
 import solver  # noqa: F401  (registers the solver options)
-from datasets import build_dataloader, build_dataset
-from datasets.pedes import PedesDataset
+from datasets import build_dataloader, check_images, load_benchmark, training_captions
+from datasets.build import Benchmark, selection_split
 from model.registry import Method, get_method
 from processor.processor import do_train
+from processor.reporting import final_report, run_record
 from processor.resume import (ResumePoint, open_resume_point, restore_random_states, restore_training, run_facts,
                               training_data_facts)
-from processor.session import RunContext, guard_run_folder, make_run_dir, prepare_model, save_run_config
+from processor.session import (RUN_TOKENIZER_DIR, RunContext, code_version, guard_run_folder, make_run_dir,
+                               prepare_model, save_run_config)
 from solver import build_lr_scheduler, build_optimizer
 from utils.checkpoint import Checkpointer
 from utils.comm import init_distributed, run_agreed, run_on_main, shutdown, silence_lost_peers, wrap_ddp
@@ -57,18 +61,18 @@ def set_seed(seed: int) -> None:
 class Inputs(NamedTuple):
     """What is checked before a run folder exists: the data, the tokenizer and the checkpoint to continue."""
 
-    dataset: PedesDataset
+    dataset: Benchmark
     tokenizer: Tokenizer
     facts: dict[str, Any]
     resume: ResumePoint | None
 
 
 def check_inputs(args: argparse.Namespace, method: Method) -> Inputs:
-    dataset = build_dataset(args.dataset_name, args.root_dir)
-    dataset.check_image_files(("train", args.val_dataset))
-    facts = run_facts(args, training_data_facts(args.dataset_name, dataset.train, dataset.root))
+    dataset = load_benchmark(args)
+    check_images(dataset, ("train", args.val_dataset))
+    facts = run_facts(args, training_data_facts(args.dataset_name, dataset.train, dataset.dataset_dir))
     resume = open_resume_point(args, facts)
-    tokenizer = method.build_tokenizer(args, [sample[3] for sample in dataset.train])
+    tokenizer = method.build_tokenizer(args, training_captions(dataset))
     return Inputs(dataset, tokenizer, facts, resume)
 
 
@@ -101,17 +105,23 @@ def run(args) -> tuple[float, int]:
             attach_log_file(run_dir, "train_log.txt", mode="a" if continuing else "w")
             if from_start:
                 save_run_config(args, context)
+                # test.py, search.py and visualize.py evaluate with exactly this vocabulary (when it is not packaged).
+                tokenizer.save(os.path.join(run_dir, RUN_TOKENIZER_DIR))
         logger.info("Using %d process(es) on %s, precision %s; run folder %s", env.world_size, env.device,
                     context.precision.mode, run_dir)
         logger.info("Options:\n%s", "\n".join(f"  {k}: {v}" for k, v in sorted(vars(args).items())))
+        if args.val_dataset == "test":
+            logger.warning("--val_dataset test: the checkpoint is chosen on the test set; its score is optimistic "
+                           "(the papers' protocol; results.json records selection_split: test)")
+        test_transform = method.build_test_transform(args) if method.build_test_transform is not None else None
         loaders = build_dataloader(args, tokenizer, dataset=dataset, build_train_set=method.build_train_set,
-                                   test_transform=method.build_test_transform and method.build_test_transform(args),
-                                   world_size=env.world_size, rank=env.rank, device=str(env.device))
-        net = prepare_model(method.build_model(args, loaders.num_classes, None), context)
+                                   test_transform=test_transform, world_size=env.world_size, rank=env.rank,
+                                   device=str(env.device))
+        net = prepare_model(method.build_model(args, loaders.num_classes, None, tokenizer), context)
         logger.info("Total params: %.2fM", sum(p.numel() for p in net.parameters()) / 1e6)
         criterion = method.build_criterion(args)
         optimizer = build_optimizer(args, net, method.lr_rules(args))
-        scheduler = build_lr_scheduler(args, optimizer)
+        scheduler = build_lr_scheduler(args, optimizer, iters_per_epoch=len(loaders.train))
         scaler = context.precision.grad_scaler()
         net = wrap_ddp(net, env)
         checkpointer = Checkpointer(net, optimizer, scheduler, run_dir, save_to_disk=env.is_main, scaler=scaler)
@@ -126,13 +136,24 @@ def run(args) -> tuple[float, int]:
             if env.is_main else None
         if resume is not None:
             restore_random_states(resume, env)  # last: nothing may draw from them before training goes on
+        started = time.time()
+        first_epoch = progress.epoch + 1 if progress else 1
         try:
-            return do_train(args, net, criterion, loaders.train, evaluator, optimizer, scheduler, checkpointer,
-                            context.precision, env, scaler=scaler, tb_writer=tb_writer, progress=progress,
-                            run_facts=facts)
+            best_top1, best_epoch = do_train(args, net, criterion, loaders.train, evaluator, optimizer, scheduler,
+                                             checkpointer, context.precision, env, scaler=scaler,
+                                             tb_writer=tb_writer, progress=progress, run_facts=facts)
         finally:
             if tb_writer is not None:
                 tb_writer.close()
+        seconds = time.time() - started
+        samples = len(loaders.train.dataset) * (args.num_epoch - first_epoch + 1)
+        record = run_record(args, run_dir=run_dir, selection_split=selection_split(args, dataset),
+                            code_version=code_version())
+        # The one look at the test split: the last weights and best.pth, into results.json (rank 0; the others wait).
+        run_on_main(lambda: final_report(
+            net, checkpointer, args, tokenizer=tokenizer, test_transform=test_transform, precision=context.precision,
+            device=env.device, record=record, best_epoch=best_epoch, wall_time_s=seconds, samples_seen=samples))
+        return best_top1, best_epoch
 
 
 def main(argv: Sequence[str] | None = None) -> int:

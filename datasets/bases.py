@@ -111,8 +111,9 @@ class MaskingConfig:
     probability ``mlm_probability``. A selected token becomes ``mask_token_id`` with probability
     ``masked_token_rate``, stays unchanged with probability ``masked_token_unchanged_rate``, and otherwise becomes
     a random id drawn uniformly from ``random_range`` (``[low, high)``). Labels hold the original id at
-    selected positions and ``pad_id`` elsewhere. The defaults are IRRA's CLIP values;
-    :meth:`for_tokenizer` fills the ids from a tokenizer.
+    selected positions and ``pad_id`` elsewhere. With ``max_masks`` at most that many positions stay selected
+    per caption (a uniformly drawn subset), as X2-VLM caps its text masking. The defaults are IRRA's CLIP values
+    (no cap); :meth:`for_tokenizer` fills the ids from a tokenizer.
     """
 
     mlm_probability: float = 0.15
@@ -122,6 +123,7 @@ class MaskingConfig:
     special_ids: tuple[int, ...] = (0, MASK_TOKEN_ID, SOT_TOKEN_ID, EOT_TOKEN_ID)
     random_range: tuple[int, int] = (1, MASK_TOKEN_ID)
     pad_id: int = 0
+    max_masks: Optional[int] = None
 
     def __post_init__(self) -> None:
         for name in ("mlm_probability", "masked_token_rate", "masked_token_unchanged_rate"):
@@ -138,15 +140,17 @@ class MaskingConfig:
         low, high = self.random_range
         if not 0 <= low < high:
             raise UserError(f"the random replacement range [{low}, {high}) of the MLM masking is empty.")
+        if self.max_masks is not None and self.max_masks < 1:
+            raise UserError(f"the cap on masked tokens per caption must be at least 1, got {self.max_masks}.")
 
     @classmethod
     def for_tokenizer(cls, tokenizer: Tokenizer, mlm_probability: float = 0.15, masked_token_rate: float = 0.8,
-                      masked_token_unchanged_rate: float = 0.1) -> "MaskingConfig":
+                      masked_token_unchanged_rate: float = 0.1, max_masks: Optional[int] = None) -> "MaskingConfig":
         """The rates given, with ``tokenizer``'s mask, special and padding ids and replacement range."""
         specials = tokenizer.specials
         return cls(mlm_probability, masked_token_rate, masked_token_unchanged_rate, mask_token_id=specials.mask,
                    special_ids=tuple(sorted(tokenizer.special_ids)), random_range=tokenizer.random_token_range,
-                   pad_id=specials.pad)
+                   pad_id=specials.pad, max_masks=max_masks)
 
 
 def mask_tokens(
@@ -168,6 +172,11 @@ def mask_tokens(
     special = torch.tensor(config.special_ids, dtype=tokens.dtype)
     eligible = ~torch.isin(tokens, special)
     selected = eligible & (torch.rand(length, generator=generator) < config.mlm_probability)
+    if config.max_masks is not None and int(selected.sum()) > config.max_masks:
+        chosen = selected.nonzero().squeeze(1)
+        keep = chosen[torch.randperm(len(chosen), generator=generator)[: config.max_masks]]
+        selected = torch.zeros_like(selected)
+        selected[keep] = True
     choice = torch.rand(length, generator=generator)
     random_ids = torch.randint(*config.random_range, (length,), generator=generator)
 

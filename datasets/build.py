@@ -15,13 +15,14 @@ from __future__ import annotations
 import argparse
 import logging
 from collections.abc import Callable, Sequence
-from typing import NamedTuple, Optional
+from typing import NamedTuple, Optional, Union
 
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from datasets.bases import ImageDataset, ImageTextDataset, MaskingConfig, TextDataset, TrainSample
-from datasets.pedes import DATASETS, PedesDataset, build_dataset
+from datasets.multilingual import MultilingualDataset, build_multilingual_dataset, language_split, parse_languages
+from datasets.pedes import DATASETS, PedesDataset, build_dataset, check_image_files
 from datasets.resumable import EpochSampler, SeededSamples, worker_init
 from datasets.sampler import RandomIdentitySampler, ShardedRandomSampler
 from datasets.transforms import build_transforms
@@ -73,25 +74,41 @@ def make_eval_loaders(
     pin_memory: bool,
     seed: int,
     tokenizer=None,
-) -> tuple[DataLoader, DataLoader]:
+    images: bool = True,
+    texts: bool = True,
+) -> tuple[Optional[DataLoader], Optional[DataLoader]]:
     """Unshuffled image loader ``(pid, image)`` and text loader ``(pid, caption_ids)`` of one split; ``transform``
-    turns each PIL image into a tensor."""
-    images = ImageDataset(split["image_pids"], split["img_paths"], transform)
-    texts = TextDataset(split["caption_pids"], split["captions"], text_length=text_length, tokenizer=tokenizer)
-    return (
-        make_loader(images, batch_size, num_workers, pin_memory, seed),
-        make_loader(texts, batch_size, num_workers, pin_memory, seed),
-    )
+    turns each PIL image into a tensor. ``images=False`` / ``texts=False`` skip one of them (None)."""
+    image_loader = text_loader = None
+    if images:
+        image_set = ImageDataset(split["image_pids"], split["img_paths"], transform)
+        image_loader = make_loader(image_set, batch_size, num_workers, pin_memory, seed)
+    if texts:
+        text_set = TextDataset(split["caption_pids"], split["captions"], text_length=text_length, tokenizer=tokenizer)
+        text_loader = make_loader(text_set, batch_size, num_workers, pin_memory, seed)
+    return image_loader, text_loader
 
 
 def _add_data_options(g: argparse._ArgumentGroup) -> None:
     g.add_argument("--dataset_name", default="CUHK-PEDES", choices=tuple(DATASETS), help="the benchmark")
-    g.add_argument("--root_dir", default="./data", help="folder holding CUHK-PEDES/, ICFG-PEDES/, RSTPReid/")
+    g.add_argument("--root_dir", default="./data", help="folder holding CUHK-PEDES/, ICFG-PEDES/, RSTPReid/, …")
+    g.add_argument("--anno_file", default="", help="read this annotation file instead of the benchmark's own (a "
+                                                   "path, or a file name in the dataset folder)")
+    g.add_argument("--languages", default="",
+                   help="caption languages in the multilingual layout (DATASET/annos/{train,test}_reid_<lang>.json), "
+                        "source first, e.g. en,ch; empty: the benchmark's own single-language annotation file")
+    g.add_argument("--tokenizer_dir", default="",
+                   help="folder with the method's tokenizer files (BERT's vocab.txt, XLM-R's "
+                        "sentencepiece.bpe.model); methods that need one build a small one from the training "
+                        "captions when it is empty")
     g.add_argument("--sampler", default="random", choices=SAMPLERS)
     g.add_argument("--num_instance", type=positive_int, default=4, help="samples per identity (identity sampler)")
     g.add_argument("--batch_size", type=positive_int, default=128, help="global batch (split across processes)")
     g.add_argument("--test_batch_size", type=positive_int, default=512)
     g.add_argument("--num_workers", type=non_negative_int, default=8)
+    g.add_argument("--cache_dir", default="",
+                   help="folder for files the project can rebuild (tokenized captions, vocabularies built from the "
+                        "captions); default $XDG_CACHE_HOME/text-person-retrieval or ~/.cache/text-person-retrieval")
     g.add_argument("--img_size", type=positive_int, nargs=2, default=(384, 128), metavar=("H", "W"),
                    help="input height and width")
     g.add_argument("--img_aug", action="store_true", help="pad+crop and random erasing in training")
@@ -100,6 +117,8 @@ def _add_data_options(g: argparse._ArgumentGroup) -> None:
     g.add_argument("--masked_token_rate", type=float, default=0.8, help="share of selected tokens replaced by the mask")
     g.add_argument("--masked_token_unchanged_rate", type=float, default=0.1,
                    help="share of selected tokens left as they are")
+    g.add_argument("--mlm_max_masks", type=non_negative_int, default=0,
+                   help="at most this many masked tokens per caption (X2-VLM caps its text masking; 0 = no cap)")
     g.add_argument("--keep_caption_unmasked", action="store_true",
                    help="feed the clean caption to the global losses (IRRA feeds the masked one)")
 
@@ -108,6 +127,8 @@ def _derive_data_options(args: argparse.Namespace) -> None:
     if len(args.img_size) != 2:
         raise UserError(f"--img_size takes two numbers, height and width; got {list(args.img_size)}")
     args.img_size = tuple(args.img_size)
+    if args.languages:
+        args.languages = ",".join(parse_languages(args.languages))
 
 
 def _check_data_options(args: argparse.Namespace) -> None:
@@ -118,29 +139,100 @@ def _check_data_options(args: argparse.Namespace) -> None:
     if any(not 0.0 <= r <= 1.0 for r in rates) or args.masked_token_rate + args.masked_token_unchanged_rate > 1.0:
         raise UserError("--mlm_probability, --masked_token_rate and --masked_token_unchanged_rate must lie in [0, 1] "
                         "and masked_token_rate + masked_token_unchanged_rate must not exceed 1")
-    if args.training and args.val_dataset == "val" and not DATASETS[args.dataset_name].has_val:
-        raise UserError(f"{args.dataset_name} has no val split; use --val_dataset test")
+    if (args.training and args.val_dataset == "val" and not args.languages and args.holdout_share <= 0
+            and not DATASETS[args.dataset_name].has_val):
+        raise UserError(f"{args.dataset_name} has no val split and --holdout_share is 0: hold out some training "
+                        f"identities (e.g. --holdout_share 0.05) or select on the test split (--val_dataset test)")
+    if args.languages and args.anno_file:
+        raise UserError("--anno_file names one single-language annotation file; the multilingual layout "
+                        "(--languages) reads annos/{train,test}_reid_<lang>.json instead: give one of the two")
 
 
 register_options(OptionGroup("data", _add_data_options, _check_data_options, _derive_data_options))
 
 
-def irra_train_set(args: argparse.Namespace, samples: Sequence[TrainSample], tokenizer: Tokenizer,
+Benchmark = Union[PedesDataset, MultilingualDataset]
+
+
+def load_benchmark(args: argparse.Namespace, verbose: bool = True) -> Benchmark:
+    """The benchmark of ``args.dataset_name`` under ``args.root_dir``: its own annotation file (or
+    ``args.anno_file``), or with ``args.languages`` the multilingual layout in those languages.
+
+    When training selects on ``val`` and the benchmark has no val split, ``args.holdout_share`` of the training
+    identities are held out as one (the same identities in every language and every run).
+    """
+    share = 0.0
+    if getattr(args, "training", False) and getattr(args, "val_dataset", "val") == "val":
+        share = float(getattr(args, "holdout_share", 0.0))
+    languages = getattr(args, "languages", "")
+    if languages:
+        return build_multilingual_dataset(args.dataset_name, args.root_dir, parse_languages(languages),
+                                          holdout_share=share, verbose=verbose)
+    return build_dataset(args.dataset_name, args.root_dir, verbose=verbose,
+                         anno_file=getattr(args, "anno_file", "") or None, holdout_share=share)
+
+
+def selection_split(args: argparse.Namespace, dataset: Benchmark) -> str:
+    """What chooses best.pth: ``val`` (the benchmark's own), ``holdout`` (held-out training identities) or
+    ``test`` (the papers' protocol)."""
+    if args.val_dataset == "test":
+        return "test"
+    return "holdout" if getattr(dataset, "held_out_ids", None) or getattr(dataset, "val_entries", None) else "val"
+
+
+def check_images(dataset: Benchmark, splits: Sequence[str]) -> None:
+    """Check that every image of ``splits`` (``train``, ``val``, ``test``) exists, one ``stat`` each, before any
+    work starts.
+
+    Raises:
+        UserError: how many are missing, and the first few (see :func:`datasets.pedes.check_image_files`).
+    """
+    paths: list[str] = []
+    for split in splits:
+        if split == "train":
+            paths += [sample[2] for sample in dataset.train]
+        else:
+            data = dataset.val if split == "val" else dataset.test
+            paths += list(data["img_paths"]) if data else []
+    source = getattr(dataset, "anno_path", None) or dataset.dataset_dir
+    check_image_files(paths, dataset.img_dir, f"the {' and '.join(splits)} entries of '{source}'")
+
+
+def single_language_samples(dataset: Benchmark) -> list[TrainSample]:
+    """``(pid, image_id, img_path, caption)`` training samples: a multilingual benchmark gives its first
+    (source) language's captions."""
+    if isinstance(dataset, MultilingualDataset):
+        return dataset.train_in(dataset.languages[0])
+    return dataset.train
+
+
+def training_captions(dataset: Benchmark) -> list[str]:
+    """Every training caption, in every loaded language (to build a tokenizer's vocabulary from)."""
+    if isinstance(dataset, MultilingualDataset):
+        return [caption for *_, captions in dataset.train for caption in captions.values()]
+    return [sample[3] for sample in dataset.train]
+
+
+def masking_from_args(args: argparse.Namespace, tokenizer: Tokenizer) -> MaskingConfig:
+    """The MLM settings of the options (rates, cap) with ``tokenizer``'s ids."""
+    return MaskingConfig.for_tokenizer(
+        tokenizer,
+        mlm_probability=float(getattr(args, "mlm_probability", 0.15)),
+        masked_token_rate=float(getattr(args, "masked_token_rate", 0.8)),
+        masked_token_unchanged_rate=float(getattr(args, "masked_token_unchanged_rate", 0.1)),
+        max_masks=getattr(args, "mlm_max_masks", 0) or None,
+    )
+
+
+def irra_train_set(args: argparse.Namespace, dataset: Benchmark, tokenizer: Tokenizer,
                    seed: int) -> ImageTextDataset:
     """IRRA's training pipeline: its augmentation, the captions tokenised once, MLM masking when ``args.MLM``.
 
     ``seed`` is not needed: the loader seeds each sample's draws (see the module docstring).
     """
-    masking = None
-    if getattr(args, "MLM", False):
-        masking = MaskingConfig.for_tokenizer(
-            tokenizer,
-            mlm_probability=float(getattr(args, "mlm_probability", 0.15)),
-            masked_token_rate=float(getattr(args, "masked_token_rate", 0.8)),
-            masked_token_unchanged_rate=float(getattr(args, "masked_token_unchanged_rate", 0.1)),
-        )
+    masking = masking_from_args(args, tokenizer) if getattr(args, "MLM", False) else None
     return ImageTextDataset(
-        samples,
+        single_language_samples(dataset),
         build_transforms(tuple(args.img_size), aug=bool(getattr(args, "img_aug", False)), is_train=True),
         text_length=args.text_length,
         tokenizer=tokenizer,
@@ -156,17 +248,18 @@ class DataLoaders(NamedTuple):
         train: the training loader (None in testing); batches are dicts (see :class:`ImageTextDataset`).
         images: the evaluation images of the validation split (training) or the test split (testing); batches
             are ``(pids, images)``.
-        texts: the evaluation captions of the same split; batches are ``(pids, caption_ids)``.
+        texts: the evaluation captions of the same split; batches are ``(pids, caption_ids)``. With several query
+            languages (``--languages``) a dict ``{language: loader}``, one loader per language.
         num_classes: training identities.
     """
 
     train: Optional[DataLoader]
     images: DataLoader
-    texts: DataLoader
+    texts: Union[DataLoader, dict[str, DataLoader]]
     num_classes: int
 
 
-def _train_sampler(args, dataset: PedesDataset, world_size: int, rank: int, seed: int) -> Sampler:
+def _train_sampler(args, dataset: Benchmark, world_size: int, rank: int, seed: int) -> Sampler:
     if args.sampler == "identity":
         logger.info(
             "Identity sampler: %d identities x %d instances per global batch of %d, %d per rank",
@@ -180,7 +273,26 @@ def _train_sampler(args, dataset: PedesDataset, world_size: int, rank: int, seed
     return ShardedRandomSampler(len(dataset.train), args.batch_size, num_replicas=world_size, rank=rank, seed=seed)
 
 
-def build_dataloader(args, tokenizer: Optional[Tokenizer] = None, *, dataset: Optional[PedesDataset] = None,
+def _eval_loaders(dataset: Benchmark, split_name: str, transform, args, batch_size: int, pin_memory: bool,
+                  seed: int, tokenizer: Tokenizer):
+    """The images of one split and its captions: one text loader, or ``{language: loader}`` with languages."""
+    if isinstance(dataset, MultilingualDataset) and len(dataset.languages) > 1:
+        split = dataset.split(split_name)
+        images, _ = make_eval_loaders(language_split(split, dataset.languages[0]), transform, args.text_length,
+                                      batch_size, args.num_workers, pin_memory, seed, tokenizer, texts=False)
+        texts = {lang: make_eval_loaders(language_split(split, lang), transform, args.text_length, batch_size,
+                                         args.num_workers, pin_memory, seed, tokenizer, images=False)[1]
+                 for lang in dataset.languages}
+        return images, texts
+    if isinstance(dataset, MultilingualDataset):
+        split = dataset.split(split_name, dataset.languages[0])
+    else:
+        split = dataset.split(split_name)
+    return make_eval_loaders(split, transform, args.text_length, batch_size, args.num_workers, pin_memory, seed,
+                             tokenizer)
+
+
+def build_dataloader(args, tokenizer: Optional[Tokenizer] = None, *, dataset: Optional[Benchmark] = None,
                      build_train_set: Optional[Callable[..., Dataset]] = None, test_transform=None,
                      world_size: int = 1, rank: int = 0, device: str = "cpu") -> DataLoaders:
     """Loaders for training (``args.training``) or testing, as IRRA's ``build_dataloader``.
@@ -192,9 +304,8 @@ def build_dataloader(args, tokenizer: Optional[Tokenizer] = None, *, dataset: Op
     Args:
         args: the training / testing options.
         tokenizer: the method's tokenizer (default: IRRA's CLIP BPE).
-        dataset: the benchmark already parsed from ``args.dataset_name`` and ``args.root_dir`` (parsed here when
-            None).
-        build_train_set: ``(args, samples, tokenizer, seed) -> Dataset``, the method's training pipeline
+        dataset: the benchmark already read by :func:`load_benchmark` (read here when None).
+        build_train_set: ``(args, dataset, tokenizer, seed) -> Dataset``, the method's training pipeline
             (default :func:`irra_train_set`).
         test_transform: the method's evaluation image transform (default: IRRA's).
         world_size, rank: the process layout; ``args.batch_size`` is the global batch and each rank's training
@@ -208,7 +319,7 @@ def build_dataloader(args, tokenizer: Optional[Tokenizer] = None, *, dataset: Op
     if world_size < 1 or not 0 <= rank < world_size:
         raise UserError(f"rank {rank} is outside world size {world_size}.")
     seed = int(getattr(args, "seed", 1))
-    dataset = dataset if dataset is not None else build_dataset(args.dataset_name, args.root_dir)
+    dataset = dataset if dataset is not None else load_benchmark(args)
     pin_memory = pins_memory(device)
     img_size = tuple(args.img_size)
     tokenizer = tokenizer if tokenizer is not None else ClipBpeTokenizer()
@@ -216,18 +327,19 @@ def build_dataloader(args, tokenizer: Optional[Tokenizer] = None, *, dataset: Op
     test_transform = test_transform if test_transform is not None else build_transforms(img_size, is_train=False)
 
     if not args.training:
-        images, texts = make_eval_loaders(dataset.split("test"), test_transform, args.text_length,
-                                          args.test_batch_size, args.num_workers, pin_memory, loader_seed, tokenizer)
+        images, texts = _eval_loaders(dataset, "test", test_transform, args, args.test_batch_size, pin_memory,
+                                      loader_seed, tokenizer)
         return DataLoaders(None, images, texts, dataset.num_classes)
 
     if not dataset.train:
-        raise UserError(f"'{dataset.anno_path}' has no entries with split 'train'; there is nothing to train on.")
-    val_split = dataset.split(args.val_dataset)  # checked before the (slower) training set is tokenised
-    train_set = (build_train_set or irra_train_set)(args, dataset.train, tokenizer, seed)
+        raise UserError(f"{args.dataset_name} under {args.root_dir} has no training entries; there is nothing to "
+                        f"train on.")
+    dataset.split(args.val_dataset)  # checked before the (slower) training set is tokenised
+    train_set = (build_train_set or irra_train_set)(args, dataset, tokenizer, loader_seed)
     local_batch = args.batch_size // world_size
     sampler = EpochSampler(_train_sampler(args, dataset, world_size, rank, seed), local_batch)
     train_loader = make_loader(SeededSamples(train_set, seed), local_batch, args.num_workers, pin_memory,
                                loader_seed, sampler=sampler)
-    images, texts = make_eval_loaders(val_split, test_transform, args.text_length, args.batch_size,
-                                      args.num_workers, pin_memory, loader_seed, tokenizer)
+    images, texts = _eval_loaders(dataset, args.val_dataset, test_transform, args, args.batch_size, pin_memory,
+                                  loader_seed, tokenizer)
     return DataLoaders(train_loader, images, texts, dataset.num_classes)

@@ -32,7 +32,7 @@ from typing import Any, Optional
 from prettytable import PrettyTable
 
 from datasets.bases import TrainSample
-from datasets.pedes import check_entry, check_repeats, check_train_ids, read_annotations
+from datasets.pedes import check_entry, check_repeats, check_train_ids, holdout_identities, read_annotations
 from utils.errors import UserError
 
 logger = logging.getLogger(__name__)
@@ -222,6 +222,8 @@ class MultilingualDataset:
         anno_folder, image_folder: folders under ``root/name`` (or absolute paths).
         train_id_offset: subtracted from training ids to get classes; ``None``: the smallest training id.
         held_out_ids: training identities (file ids) moved to the ``val`` split in every language.
+        holdout_share: without ``held_out_ids``, hold out this share of the training identities
+            (:func:`datasets.pedes.holdout_identities`).
     """
 
     def __init__(
@@ -233,6 +235,7 @@ class MultilingualDataset:
         image_folder: str = IMAGE_FOLDER,
         train_id_offset: Optional[int] = None,
         held_out_ids: Collection[int] = (),
+        holdout_share: float = 0.0,
         verbose: bool = True,
     ):
         self.name = name
@@ -247,6 +250,8 @@ class MultilingualDataset:
         file_ids = {e.id for e in all_train}
         offset = min(file_ids, default=0) if train_id_offset is None else train_id_offset
         check_train_ids({i - offset for i in file_ids}, offset, f"Annotation files {self._names('train')}")
+        if holdout_share > 0 and not held_out_ids:
+            held_out_ids = holdout_identities(file_ids, holdout_share)
         unknown = sorted(set(held_out_ids) - file_ids)
         if unknown:
             raise UserError(f"Held-out identities {unknown[:5]} are not training ids of {self._names('train')}.")
@@ -338,6 +343,6 @@ def build_multilingual_dataset(
     """Parse ``root/name`` in the multilingual layout for ``languages`` (source first).
 
     ``options`` are :class:`MultilingualDataset`'s keyword arguments: ``anno_folder``, ``image_folder``,
-    ``train_id_offset``, ``held_out_ids``, ``verbose``.
+    ``train_id_offset``, ``held_out_ids``, ``holdout_share``, ``verbose``.
     """
     return MultilingualDataset(root, name, languages, **options)

@@ -19,8 +19,10 @@ import json
 import logging
 import os
 from dataclasses import dataclass
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from typing import Any, Optional
+
+import numpy as np
 
 from prettytable import PrettyTable
 
@@ -286,6 +288,10 @@ def check_image_files(paths: Sequence[str], folder: str, source: str, shown: int
 class PedesDataset:
     """A parsed benchmark.
 
+    Args (beyond the root and the benchmark's description): ``anno_file`` replaces the benchmark's annotation
+    file; ``held_out_ids`` (file ids) or ``holdout_share`` (see :func:`holdout_identities`; only where the file has
+    no val split) move training identities to the val split, the remaining ones renumbered 0..N-1.
+
     Attributes:
         train: ``(pid, image_id, img_path, caption)`` per caption, in file order; pids are 0..N-1 and
             ``image_id`` numbers the training images from 0.
@@ -296,7 +302,8 @@ class PedesDataset:
     """
 
     def __init__(
-        self, root: str | os.PathLike, spec: PedesSpec, verbose: bool = True, anno_file: Optional[str] = None
+        self, root: str | os.PathLike, spec: PedesSpec, verbose: bool = True, anno_file: Optional[str] = None,
+        held_out_ids: Collection[int] = (), holdout_share: float = 0.0,
     ):
         self.spec = spec
         self.root = os.fspath(root)
@@ -312,6 +319,14 @@ class PedesDataset:
         by_split: dict[str, list[dict[str, Any]]] = {split: [] for split in SPLITS}
         for entry in drop_empty_captions(entries, spec.path_key, source):
             by_split[entry["split"]].append(entry)
+        file_ids = {int(entry["id"]) for entry in by_split["train"]}
+        check_train_ids({i - spec.train_id_offset for i in file_ids}, spec.train_id_offset,
+                        f"Annotation file '{self.anno_path}'")
+        if holdout_share > 0 and not by_split["val"] and not held_out_ids:
+            held_out_ids = holdout_identities(file_ids, holdout_share)
+        self.held_out_ids = set(held_out_ids)
+        if self.held_out_ids:
+            self._hold_out(by_split)
         self.num_images = {split: len(entries) for split, entries in by_split.items()}
 
         self.train, self.train_id_container = self._train_samples(by_split["train"])
@@ -346,18 +361,6 @@ class PedesDataset:
             other = "test" if name == "val" else "val"
             raise UserError(f"Cannot evaluate on the '{name}' split: {why}. Use --val_dataset {other}.")
         return data
-
-    def image_paths(self, split: str) -> list[str]:
-        """Every image file of ``split`` (``'train'``, ``'val'`` or ``'test'``), in file order."""
-        if split == "train":
-            return list(dict.fromkeys(sample[2] for sample in self.train))
-        data = self.val if split == "val" else self.test
-        return list(data["img_paths"]) if data else []
-
-    def check_image_files(self, splits: Sequence[str]) -> None:
-        """Check that every image of ``splits`` exists (see :func:`check_image_files`)."""
-        paths = [path for split in splits for path in self.image_paths(split)]
-        check_image_files(paths, self.img_dir, f"the {' and '.join(splits)} entries of '{self.anno_path}'")
 
     def statistics_table(self) -> str:
         """ids / images / captions per split, as a prettytable string."""
@@ -396,17 +399,29 @@ class PedesDataset:
         if entry["split"] not in SPLITS:
             raise UserError(f"{where}: split is {entry['split']!r}, expected one of {', '.join(SPLITS)}.")
 
+    def _hold_out(self, by_split: dict[str, list[dict[str, Any]]]) -> None:
+        """Move the training entries of ``held_out_ids`` (file ids) to the val split."""
+        if by_split["val"]:
+            raise UserError(f"'{self.anno_path}' has a val split already; identities are held out only where a "
+                            "benchmark has none.")
+        unknown = sorted(self.held_out_ids - {int(entry["id"]) for entry in by_split["train"]})
+        if unknown:
+            raise UserError(f"Held-out identities {unknown[:5]} are not training ids of '{self.anno_path}'.")
+        by_split["val"] = [entry for entry in by_split["train"] if int(entry["id"]) in self.held_out_ids]
+        by_split["train"] = [entry for entry in by_split["train"] if int(entry["id"]) not in self.held_out_ids]
+
     def _train_samples(self, entries: list[dict[str, Any]]) -> tuple[list[TrainSample], set[int]]:
-        offset = self.spec.train_id_offset
+        """Samples with class indices: file id minus the offset (0..N-1), or, after a hold-out, the rank of the
+        file id among the remaining training ids."""
+        classes = {fid: fid - self.spec.train_id_offset for fid in {int(entry["id"]) for entry in entries}}
+        if self.held_out_ids:
+            classes = {fid: index for index, fid in enumerate(sorted(classes))}
         samples: list[TrainSample] = []
-        pids: set[int] = set()
         for image_id, entry in enumerate(entries):
-            pid = int(entry["id"]) - offset
-            pids.add(pid)
+            pid = classes[int(entry["id"])]
             img_path = os.path.join(self.img_dir, entry[self.spec.path_key])
             samples.extend((pid, image_id, img_path, caption) for caption in entry["captions"])
-        check_train_ids(pids, offset, f"Annotation file '{self.anno_path}'")
-        return samples, pids
+        return samples, set(classes.values())
 
     def _eval_split(self, entries: list[dict[str, Any]]) -> tuple[dict[str, list], set[int]]:
         data: dict[str, list] = {"image_pids": [], "img_paths": [], "caption_pids": [], "captions": []}
@@ -420,12 +435,34 @@ class PedesDataset:
 
 
 def build_dataset(
-    name: str, root: str | os.PathLike, verbose: bool = True, anno_file: Optional[str] = None
+    name: str, root: str | os.PathLike, verbose: bool = True, anno_file: Optional[str] = None,
+    held_out_ids: Collection[int] = (), holdout_share: float = 0.0,
 ) -> PedesDataset:
     """Parse benchmark ``name`` (a key of :data:`DATASETS`) under ``root``.
 
     Args:
         anno_file: read this annotation file instead of the benchmark's own (a path, or a file name in the
             dataset folder).
+        held_out_ids: training identities (file ids) that form the val split instead (benchmarks without one).
+        holdout_share: when the file has no val split (and no ``held_out_ids`` are given), hold out this share
+            of the training identities (:func:`holdout_identities`) as the val split.
     """
-    return PedesDataset(root, get_spec(name), verbose=verbose, anno_file=anno_file)
+    return PedesDataset(root, get_spec(name), verbose=verbose, anno_file=anno_file, held_out_ids=held_out_ids,
+                        holdout_share=holdout_share)
+
+
+#: Seed of the fixed permutation that picks held-out identities (never the run's --seed: every run of a
+#: benchmark holds out the same identities).
+HOLDOUT_SEED = 20230607
+
+
+def holdout_identities(train_ids: Collection[int], share: float) -> list[int]:
+    """The training identities held out for validation: ``max(1, round(share * N))`` of the ``N`` ids, chosen by
+    a fixed random permutation of the sorted ids (seed :data:`HOLDOUT_SEED`), returned sorted. Deterministic: the
+    same ids give the same choice, whatever the run's seed or the language of the captions."""
+    ids = sorted(set(train_ids))
+    if share <= 0 or not ids:
+        return []
+    count = min(len(ids) - 1, max(1, round(share * len(ids))))
+    order = np.random.default_rng(HOLDOUT_SEED).permutation(len(ids))[:count]
+    return sorted(ids[i] for i in order)

@@ -1,4 +1,5 @@
-"""Image transforms: IRRA's (CLIP normalisation) and TBPS-CLIP's random-pick policy (ImageNet normalisation)."""
+"""Image transforms: IRRA's (CLIP normalisation), TBPS-CLIP's random-pick policy (ImageNet normalisation) and IVT's
+(:func:`build_ivt_transforms`)."""
 from __future__ import annotations
 
 import logging
@@ -103,3 +104,39 @@ def build_tbps_transforms(img_size: Sequence[int] = (224, 224), is_train: bool =
         T.RandomErasing(scale=(0.10, 0.20)),
     ], k=2)
     return T.Compose([T.Resize((height, width)), T.ToTensor(), picks, normalize])
+
+
+IVT_MEAN = (0.5, 0.5, 0.5)
+IVT_STD = (0.5, 0.5, 0.5)
+
+
+def build_ivt_transforms(img_size: Sequence[int] = (384, 128), is_train: bool = True, padding: int = 10,
+                         flip: float = 0.5, erasing: float = 0.5) -> T.Compose:
+    """IVT's transforms (the released training and test pipelines): PIL image -> ``FloatTensor[3, H, W]``.
+
+    * train: Resize((H, W), bicubic), Pad(padding), RandomCrop((H, W)), RandomHorizontalFlip(flip), ToTensor,
+      Normalize(0.5, 0.5), then timm's RandomErasing(erasing, mode='pixel', one box: area 2%-33%, aspect
+      0.3-3.3, filled with per-pixel normal noise);
+    * test: Resize((H, W)) (bilinear, as released), ToTensor, Normalize(0.5, 0.5).
+
+    Randomness: torchvision's steps draw from torch's global generator, timm's erasing from Python's ``random``
+    (both seeded per DataLoader worker by PyTorch).
+
+    Raises:
+        UserError: ``img_size`` is not two positive integers.
+    """
+    height, width = _check_size(img_size)
+    normalize = T.Normalize(mean=IVT_MEAN, std=IVT_STD)
+    if not is_train:
+        return T.Compose([T.Resize((height, width)), T.ToTensor(), normalize])
+    from timm.data.random_erasing import RandomErasing  # timm is needed by IVT only
+
+    return T.Compose([
+        T.Resize((height, width), interpolation=T.InterpolationMode.BICUBIC),
+        T.Pad(padding),
+        T.RandomCrop((height, width)),
+        T.RandomHorizontalFlip(flip),
+        T.ToTensor(),
+        normalize,
+        RandomErasing(probability=erasing, mode="pixel", max_count=1, device="cpu"),
+    ])

@@ -3,7 +3,7 @@
 Each method is one module that registers itself (:mod:`model.registry`); importing this package registers them
 all. Adding a method adds one import line below.
 """
-from model import irra, php  # noqa: F401  (each registers its method)
+from model import biirra, irra, ivt, php  # noqa: F401  (each registers its method)
 from model.build import build_criterion, build_model
 from model.clip_model import (
     ARCHITECTURES,

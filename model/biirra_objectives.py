@@ -1,7 +1,7 @@
 """Bi-IRRA's training objectives as small functions.
 
 Bi-IRRA (arXiv 2510.17685) trains with ``L = L_itc + 4 L_aitm + L_mlm + 4 L_dmim``; the weighting happens in
-:class:`model.biirra.BiIrraCriterion`. Each function here takes its hyper-parameters as arguments and knows
+:class:`model.biirra_net.BiIrraCriterion`. Each function here takes its hyper-parameters as arguments and knows
 nothing about processes: for a global batch, pass gathered tensors.
 
 Shapes: ``B`` samples, ``E`` the retrieval embedding width, ``T`` tokens per sequence, ``D`` the token width,

@@ -21,7 +21,7 @@ from collections.abc import Callable
 
 import torch
 
-from model.biirra import BiIRRA
+from model.biirra_net import BiIRRA
 from utils.errors import UserError
 
 #: ``rerank(query_indices LongTensor[q], gallery_indices LongTensor[q, K]) -> FloatTensor[q, K]``

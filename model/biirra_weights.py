@@ -27,15 +27,12 @@ import logging
 import os
 import re
 from collections.abc import Mapping
-from typing import TYPE_CHECKING
 
 import torch
+from torch import nn
 from transformers import XLMRobertaConfig, XLMRobertaForMaskedLM
 
 from utils.errors import UserError
-
-if TYPE_CHECKING:  # typing only: the model module imports this one
-    from model.biirra import BiIRRA
 
 logger = logging.getLogger(__name__)
 
@@ -76,7 +73,7 @@ def _first_fusion_layer(keys) -> int | None:
 
 
 def convert_cclm_x2vlm_state_dict(state: Mapping) -> dict[str, torch.Tensor]:
-    """Map a CCLM-X2VLM (or X-VLM single-stack) state dict to :class:`~model.biirra.BiIRRA`'s key names.
+    """Map a CCLM-X2VLM (or X-VLM single-stack) state dict to :class:`~model.biirra_net.BiIRRA`'s key names.
 
     Returns only the mapped tensors; keys dropped on purpose are logged (see the module docstring). Keys that
     fit no rule are kept unchanged, so a strict comparison with the model reports them.
@@ -122,7 +119,7 @@ def _read_checkpoint(path: str) -> Mapping:
                         f"re-save its 'model' state dict with torch.save") from None
 
 
-def load_cclm_x2vlm(model: "BiIRRA", checkpoint: str | Mapping) -> list[str]:
+def load_cclm_x2vlm(model: nn.Module, checkpoint: str | Mapping) -> list[str]:
     """Load a CCLM-X2VLM checkpoint (a path or an already read checkpoint) into ``model``, then set
     ``text_proj_target`` to a copy of the loaded ``text_proj``.
 
@@ -180,7 +177,7 @@ def xlmr_config(folder: str) -> XLMRobertaConfig:
     return config
 
 
-def load_xlmr_folder(model: "BiIRRA", folder: str) -> None:
+def load_xlmr_folder(model: nn.Module, folder: str) -> None:
     """Load xlm-roberta-base's encoder and language-model head from a local folder into ``model.text_encoder``.
 
     Raises:

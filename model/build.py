@@ -12,7 +12,8 @@ from torch import nn
 from model.registry import StateDict, get_method
 
 
-def build_model(args: argparse.Namespace, num_classes: int = 11003, weights: StateDict | None = None) -> nn.Module:
+def build_model(args: argparse.Namespace, num_classes: int = 11003, weights: StateDict | None = None,
+                tokenizer=None) -> nn.Module:
     """The model of ``args.model`` built from the training options.
 
     Without ``weights`` the method builds its pretrained starting point (IRRA: ``args.pretrain_choice``, or a
@@ -20,7 +21,7 @@ def build_model(args: argparse.Namespace, num_classes: int = 11003, weights: Sta
     layout — the architecture is read from them and nothing pretrained is loaded (the caller loads them).
     Precision casts are not applied here (see :func:`processor.setup.prepare_model`).
     """
-    return get_method(getattr(args, "model", None)).build_model(args, num_classes, weights)
+    return get_method(getattr(args, "model", None)).build_model(args, num_classes, weights, tokenizer)
 
 
 def build_criterion(args: argparse.Namespace) -> nn.Module:

@@ -268,7 +268,8 @@ def build_clip_backbone(args: argparse.Namespace, weights: StateDict | None = No
     return base_model
 
 
-def build_irra_model(args: argparse.Namespace, num_classes: int, weights: StateDict | None = None) -> IRRA:
+def build_irra_model(args: argparse.Namespace, num_classes: int, weights: StateDict | None = None,
+                     tokenizer=None) -> IRRA:
     """IRRA from the options (see :class:`model.registry.Method` for ``weights``)."""
     losses = parse_loss_names(args.loss_names)
     return IRRA(build_clip_backbone(args, weights), num_classes, with_id="id" in losses, with_mlm="mlm" in losses,

@@ -296,7 +296,8 @@ def check_php_arguments(args: argparse.Namespace, losses: list[str]) -> None:
                         f"topk distinct experts")
 
 
-def build_php_model(args: argparse.Namespace, num_classes: int, weights: StateDict | None = None) -> PHP:
+def build_php_model(args: argparse.Namespace, num_classes: int, weights: StateDict | None = None,
+                    tokenizer=None) -> PHP:
     """PHP from the options (see :class:`model.registry.Method` for ``weights``)."""
     losses = parse_loss_names(args.loss_names)
     return PHP(build_clip_backbone(args, weights), num_classes, with_id="id" in losses, with_mlm="mlm" in losses,

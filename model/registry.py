@@ -55,9 +55,10 @@ class Method:
         summary: one line for ``--help`` and logs.
         losses: every loss term the criterion knows (the one list of this method's loss names).
         default_losses: ``--loss_names`` when the options give none, e.g. ``'sdm+id+mlm'``.
-        build_model: ``(args, num_classes, weights) -> model``. ``weights`` is None in training; for evaluation
-            it is the saved state dict (already in this method's layout) and the architecture must be read from
-            it, so nothing pretrained is loaded.
+        build_model: ``(args, num_classes, weights, tokenizer) -> model``. ``weights`` is None in training; for
+            evaluation it is the saved state dict (already in this method's layout) and the architecture must be
+            read from it, so nothing pretrained is loaded. ``tokenizer`` is the method's (vocabulary size,
+            special ids).
         build_criterion: ``(args) -> criterion``; ``criterion(outputs, batch)`` returns the weighted
             ``<term>_loss`` entries and logged scalars.
         build_tokenizer: ``(args, training captions or None) -> Tokenizer``.
@@ -76,13 +77,14 @@ class Method:
         ignored_checkpoint_keys: key prefixes of released checkpoints that the model does not use.
         evaluation: optional ``(model, args) -> object`` giving the evaluator what it needs beyond
             ``encode_image``/``encode_text`` (e.g. a re-ranking step).
+        languages: how many caption languages the method trains on at once (``--languages``).
     """
 
     name: str
     summary: str
     losses: tuple[str, ...]
     default_losses: str
-    build_model: Callable[[argparse.Namespace, int, StateDict | None], nn.Module]
+    build_model: Callable[..., nn.Module]
     build_criterion: Callable[[argparse.Namespace], nn.Module]
     build_tokenizer: Callable[[argparse.Namespace, Sequence[str] | None], Tokenizer] = clip_tokenizer
     lr_rules: Callable[[argparse.Namespace], list[LrRule]] = lambda args: []
@@ -94,6 +96,7 @@ class Method:
     convert_checkpoint: Callable[[StateDict], dict] = field(default=lambda state: dict(state))
     ignored_checkpoint_keys: tuple[str, ...] = ()
     evaluation: Callable[[nn.Module, argparse.Namespace], Any] | None = None
+    languages: int = 1
 
 
 METHODS: Registry[Method] = Registry("method", "--model")
@@ -147,6 +150,10 @@ def _derive_model_options(args: argparse.Namespace) -> None:
         raise UserError(f"--loss_names {args.loss_names!r}: unknown loss {', '.join(unknown) or '(none given)'}; "
                         f"{method.name} knows {', '.join(method.losses)} joined with '+', "
                         f"e.g. {method.default_losses}")
+    languages = [code for code in str(getattr(args, "languages", "") or "").split(",") if code]
+    if len(languages) > method.languages:
+        raise UserError(f"--languages {args.languages}: {method.name} trains on {method.languages} caption "
+                        f"language(s) at a time; give {'one code, e.g. --languages en' if method.languages == 1 else 'fewer'}")
     if args.training and args.MLM and "mlm" not in losses:
         raise UserError("--MLM builds masked captions but 'mlm' is not in --loss_names; add +mlm or drop --MLM")
     args.MLM = "mlm" in losses

@@ -13,7 +13,6 @@ writes checkpoints, watches for a non-finite loss and honours stop signals, so a
 from __future__ import annotations
 
 import logging
-import math
 import time
 from dataclasses import dataclass, field
 
@@ -130,9 +129,13 @@ def optimizer_step(optimizer, scaler, total_loss: torch.Tensor) -> bool:
 
 def train_one_epoch(model, criterion, train_loader, optimizer, precision: Precision, scaler, device: torch.device,
                     epoch: int, log_period: int, lr: float, show_progress: bool, progress: Progress,
-                    guard: TrainingGuard | None = None) -> tuple[dict[str, float], dict, int, bool]:
+                    guard: TrainingGuard | None = None,
+                    step_scheduler=None) -> tuple[dict[str, float], dict, int, bool]:
     """Run the iterations of ``epoch`` after ``progress.iteration`` (the loader starts there), updating
     ``progress`` after each; ``guard`` checks, checkpoints and may stop between iterations.
+
+    ``step_scheduler``: a learning-rate scheduler stepped after every iteration (the log then shows the base rate
+    of the current iteration), or None when the schedule is stepped per epoch.
 
     Returns:
         ``(means, terms, steps, stopped)``: the epoch's means, the last step's loss terms, the number of steps
@@ -159,6 +162,9 @@ def train_one_epoch(model, criterion, train_loader, optimizer, precision: Precis
             meters.update(ret, batch["images"].shape[0])
             if guard is not None:
                 guard.watch.update(epoch, step, ret)
+        if step_scheduler is not None:
+            lr = step_scheduler.get_last_lr()[0]
+            step_scheduler.step()
         progress.iteration, progress.global_step = step, progress.global_step + 1
         if step % log_period == 0 or step == num_iterations:  # the same steps on every rank
             if guard is not None:
@@ -235,17 +241,20 @@ def do_train(args, model, criterion, train_loader, evaluator, optimizer, schedul
             logger.info("Start training: epochs %d..%d%s, checkpoint every %s", progress.epoch + 1, args.num_epoch,
                         f" (from iteration {progress.iteration + 1})" if progress.iteration else "",
                         f"{every} iterations and each epoch's end" if every else "epoch's end")
+            per_iteration = getattr(args, "scheduler_unit", "epoch") == "iteration"
             for epoch in range(progress.epoch + 1, args.num_epoch + 1):
                 position_loader(train_loader, epoch, progress.iteration)
                 lr = scheduler.get_last_lr()[0]
                 start = time.time()
                 means, ret, steps, stopped = train_one_epoch(
                     model, criterion, train_loader, optimizer, precision, scaler, env.device, epoch,
-                    args.log_period, lr, env.is_main, progress, guard)
+                    args.log_period, lr, env.is_main, progress, guard,
+                    step_scheduler=scheduler if per_iteration else None)
                 if stopped:
                     raise guard.stopped(progress)
                 elapsed = time.time() - start
-                scheduler.step()
+                if not per_iteration:
+                    scheduler.step()
                 if env.is_main:
                     log_epoch(epoch, means, ret, lr, steps, elapsed, global_batch or train_loader.batch_size, tb_writer)
                 if epoch % args.eval_period == 0 or epoch == args.num_epoch:

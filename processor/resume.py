@@ -52,7 +52,7 @@ def _plain(value: Any) -> Any:
 
 def training_data_facts(dataset_name: str, samples: Sequence[tuple], root: str) -> dict[str, Any]:
     """What identifies the training data: the dataset's name, its number of samples and a SHA-256 of every
-    sample's (class, image path relative to ``root``, caption)."""
+    sample's (class, image path relative to ``root``, caption or captions by language)."""
     digest = hashlib.sha256()
     for sample in samples:
         pid, path, caption = sample[0], sample[2], sample[3]

@@ -20,6 +20,7 @@ from torch import nn
 from datasets import build_transforms
 from model import convert_weights_to_fp16
 from model.registry import Method, method_of_checkpoint
+from processor.session import RUN_TOKENIZER_DIR
 from utils.checkpoint import load_checkpoint_file, load_model_state, model_state_from_checkpoint
 from utils.comm import resolve_device
 from utils.errors import UserError
@@ -127,6 +128,9 @@ def open_run(config_file: str, checkpoint: str = "", root_dir: str = "", device:
     recognised = not getattr(args, "model", None)
     method = method_of_checkpoint(getattr(args, "model", None), state)
     args.model = method.name
+    saved_tokenizer = os.path.join(run_dir, RUN_TOKENIZER_DIR)
+    if os.path.isdir(saved_tokenizer):
+        args.tokenizer_dir = saved_tokenizer  # the exact vocabulary the run trained with
     if args.loss_names is None:
         args.loss_names = method.default_losses
     args.training = False
@@ -166,7 +170,7 @@ def load_run_model(run: RunHandle) -> nn.Module:
                     run.method.name)
     # Without an identity classifier in the checkpoint the number of classes is unused (any positive value).
     num_classes = state["classifier.weight"].shape[0] if "classifier.weight" in state else 1
-    model = run.method.build_model(run.args, num_classes, state)
+    model = run.method.build_model(run.args, num_classes, state, run.tokenizer())
     load_model_state(model, state, run.checkpoint, ignore_unexpected=run.method.ignored_checkpoint_keys)
     if run.precision.mode == "fp16":
         convert_weights_to_fp16(model)

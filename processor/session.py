@@ -34,6 +34,8 @@ from utils.precision import Precision
 logger = logging.getLogger(__name__)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+#: Where a run keeps the tokenizer files it trained with (methods whose vocabulary is not packaged).
+RUN_TOKENIZER_DIR = "tokenizer"
 
 
 @dataclass(frozen=True)

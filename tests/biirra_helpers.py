@@ -4,7 +4,7 @@ from dataclasses import replace
 
 import torch
 
-from model import biirra as B
+from model import biirra_net as B
 
 VOCAB = 40
 PAD, BOS, EOS, MASK = 1, 0, 2, VOCAB - 1
@@ -40,7 +40,7 @@ def captions(batch: int, length: int, generator: torch.Generator) -> torch.Tenso
 
 def tiny_batch(config: B.BiIrraConfig, pids=(0, 0, 1, 2), length: int = 10, seed: int = 0,
                languages=("en", "ch")) -> dict:
-    """A training batch with every key of :func:`model.biirra.batch_keys`."""
+    """A training batch with every key of :func:`model.biirra_net.batch_keys`."""
     g = torch.Generator().manual_seed(seed)
     n, size = len(pids), config.vision.img_size
     batch = {

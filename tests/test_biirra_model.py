@@ -1,14 +1,14 @@
 """Tests for model/biirra.py: the encoders, the non-causal fusion encoder, the branches of the training forward,
 the criterion, and the command-line flags and builders."""
 
-import argparse
 from dataclasses import replace
 
 import pytest
 import torch
 from transformers import XLMRobertaConfig, XLMRobertaModel
 
-from model import biirra as B
+from model import biirra_net as B
+from utils.options import get_args
 from model import biirra_objectives as objectives
 from tests.biirra_helpers import PAD, VOCAB, tiny_batch, tiny_config, tiny_model
 from utils.errors import UserError
@@ -250,11 +250,8 @@ def test_save_load_reproduces_the_outputs(tmp_path):
 
 # ---------------------------------------------------------------- flags and builders
 def parse(argv):
-    parser = argparse.ArgumentParser()
-    B.add_biirra_arguments(parser.add_argument_group("Bi-IRRA"))
-    parser.add_argument("--languages", default="en,ch")
-    parser.add_argument("--img_size", type=int, nargs=2, default=(224, 224))
-    return parser.parse_args(argv)
+    """Bi-IRRA's options through the project's command line (``--model biirra --languages en,ch`` first)."""
+    return get_args(["--model", "biirra", "--languages", "en,ch", "--img_size", "224", "224", *argv])
 
 
 class StubTokenizer:
@@ -267,7 +264,7 @@ def test_flags_have_the_paper_defaults():
     assert (args.rerank_topk, args.biirra_temperature, args.biirra_image_mask_ratio) == (256, 0.07, 0.5)
     weights = (args.biirra_itc_weight, args.biirra_aitm_weight, args.biirra_mlm_weight, args.biirra_dmim_weight)
     assert weights == (1.0, 4.0, 1.0, 4.0)
-    B.check_biirra_arguments(args)
+    assert args.loss_names == "itc+aitm+mlm+dmim" and args.MLM is True
 
 
 @pytest.mark.parametrize("argv, flag", [
@@ -282,19 +279,21 @@ def test_flags_have_the_paper_defaults():
     (["--biirra_image_mask_ratio", "1.0"], "--biirra_image_mask_ratio"),
     (["--biirra_embed_dim", "0"], "--biirra_embed_dim"),
     (["--biirra_fusion_layers", "0"], "--biirra_fusion_layers"),
+    (["--img_size", "230", "224"], "--img_size 230 224"),
+    (["--loss_names", "itc+sdm"], "biirra knows itc, aitm, mlm, dmim"),
 ])
 def test_bad_flags_name_the_flag(argv, flag):
     with pytest.raises(UserError, match=flag):
-        B.check_biirra_arguments(parse(argv))
+        parse(argv)
 
 
 def test_cclm_checkpoint_needs_base_sizes_and_224_images(tmp_path):
     path = tmp_path / "cclm.th"
     path.write_bytes(b"")
     with pytest.raises(UserError, match="--biirra_arch tiny"):
-        B.check_biirra_arguments(parse(["--cclm_checkpoint", str(path), "--biirra_arch", "tiny"]))
+        parse(["--cclm_checkpoint", str(path), "--biirra_arch", "tiny"])
     with pytest.raises(UserError, match="--img_size 384 128"):
-        B.check_biirra_arguments(parse(["--cclm_checkpoint", str(path), "--img_size", "384", "128"]))
+        parse(["--cclm_checkpoint", str(path), "--img_size", "384", "128"])
 
 
 def test_builders_read_the_flags():

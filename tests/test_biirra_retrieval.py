@@ -4,7 +4,7 @@ order, a perfect matching head, the evaluator callback, and save -> load."""
 import pytest
 import torch
 
-from model import biirra as B
+from model import biirra_net as B
 from model.biirra_retrieval import BiIrraRetrieval, make_rerank_callback, top_k_indices, two_stage_scores
 from tests.biirra_helpers import captions, tiny_model
 from utils.errors import UserError

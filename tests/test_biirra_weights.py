@@ -10,7 +10,8 @@ from torch import nn
 from transformers import BertConfig, XLMRobertaForMaskedLM, XLMRobertaModel
 from transformers.models.bert.modeling_bert import BertLayer
 
-from model import biirra as B
+from model import biirra_net as B
+from model.biirra import add_biirra_arguments
 from model import biirra_weights as W
 from tests.biirra_helpers import VOCAB, tiny_batch, tiny_config, tiny_model
 from utils.errors import UserError
@@ -182,7 +183,7 @@ def test_builder_takes_the_text_sizes_from_the_xlmr_folder(tmp_path):
     config = tiny_config(width=WIDTH)
     source = write_xlmr(tmp_path / "xlmr", config)
     parser = argparse.ArgumentParser()
-    B.add_biirra_arguments(parser.add_argument_group("Bi-IRRA"))
+    add_biirra_arguments(parser.add_argument_group("Bi-IRRA"))
     args = parser.parse_args(["--biirra_arch", "tiny", "--xlmr_dir", str(tmp_path / "xlmr")])
     args.img_size = (32, 32)
     # The tiny architecture's vision width is 64: the folder's text width 32 does not fit it.

@@ -64,7 +64,7 @@ def check_toy_arguments(args, losses) -> None:
         raise UserError(f"--toy_width {args.toy_width} is more than a toy needs; use at most 512")
 
 
-def build_toy(args, num_classes, weights=None):
+def build_toy(args, num_classes, weights=None, tokenizer=None):
     width = weights["image_proj.weight"].shape[0] if weights is not None else args.toy_width
     return ToyModel(width)
 

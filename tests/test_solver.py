@@ -149,3 +149,36 @@ def test_build_optimizer_gives_rates_and_decay_per_parameter():
     assert groups["cross_attn.weight"]["lr"] == pytest.approx(0.03)
     assert groups["classifier.bias"]["weight_decay"] == 0.001 and groups["classifier.bias"]["lr"] == pytest.approx(0.03)
     assert "frozen.weight" not in groups
+
+
+def test_timm_cosine_is_timms_schedule_per_epoch():
+    """IVT's schedule: timm's CosineLRScheduler (t_initial 120, warmup 5 from 5e-5, floor 1e-5), epoch e at t = e."""
+    from timm.scheduler import CosineLRScheduler
+
+    from solver.lr_scheduler import TimmCosineSchedule
+
+    model = Named()
+    args = get_args(["--optimizer", "SGD", "--lr", "0.005", "--lrscheduler", "timm_cosine", "--num_epoch", "120",
+                     "--warmup_epochs", "5", "--warmup_factor", "0.01", "--target_lr", "1e-5", "--loss_names", "sdm"])
+    optimizer = build_optimizer(args, model, rules=[(("bias",), 2.0)])
+    schedule = build_lr_scheduler(args, optimizer)
+    assert isinstance(schedule, TimmCosineSchedule)
+    reference_opt = torch.optim.SGD([{"params": [nn.Parameter(torch.zeros(1))], "lr": 0.005},
+                                     {"params": [nn.Parameter(torch.zeros(1))], "lr": 0.01}], lr=0.005)
+    reference = CosineLRScheduler(reference_opt, t_initial=120, lr_min=1e-5, warmup_t=5, warmup_lr_init=5e-5,
+                                  cycle_limit=1, t_in_epochs=True)
+    weight_lrs, bias_lrs = [], []
+    for epoch in range(1, 121):
+        rates = {g["name"]: g["lr"] for g in optimizer.param_groups}
+        weight_lrs.append(rates["base.weight"])
+        bias_lrs.append(rates["base.bias"])
+        reference.step(epoch)
+        assert rates["base.weight"] == pytest.approx(reference_opt.param_groups[0]["lr"]), epoch
+        assert rates["base.bias"] == pytest.approx(reference_opt.param_groups[1]["lr"]), epoch
+        schedule.step()
+    assert weight_lrs[0] == pytest.approx(5e-5 + (0.005 - 5e-5) / 5)   # warmup from 5e-5, t = 1
+    assert weight_lrs[5] == pytest.approx(1e-5 + 0.5 * (0.005 - 1e-5) * (1 + math.cos(math.pi * 6 / 120)))
+    state = schedule.state_dict()
+    resumed = build_lr_scheduler(args, build_optimizer(args, Named(), rules=[(("bias",), 2.0)]))
+    resumed.load_state_dict(state)
+    assert resumed.get_last_lr()[0] == pytest.approx(schedule.get_last_lr()[0])

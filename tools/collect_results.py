@@ -69,7 +69,7 @@ MAY_DIFFER = frozenset({
     "num_workers", "log_period", "eval_period",
     "device", "local_rank", "world_size", "rank", "distributed", "training",
     "resume", "resume_ckpt_file",
-    "start_time", "end_time", "timestamp", "code_version",
+    "start_time", "end_time", "timestamp", "code_version", "logs_root", "run_started",
 })
 
 # Published text-to-image numbers, R1/R5/R10/mAP/mINP in percent (None: not reported), by (method, dataset,

@@ -75,3 +75,10 @@ def load_train_configs(path: str) -> EasyDict:
     """Load a run's ``configs.yaml`` (ours or IRRA's) as an ``EasyDict``."""
     return EasyDict(read_yaml(path))
 
+
+
+def default_cache_dir() -> str:
+    """Where this project keeps files it can rebuild (small tokenizers built from captions, caches):
+    ``$XDG_CACHE_HOME/text-person-retrieval`` or ``~/.cache/text-person-retrieval``."""
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "text-person-retrieval")

@@ -91,7 +91,12 @@ def _add_general(g: argparse._ArgumentGroup) -> None:
     g.add_argument("--output_dir", default="logs", help="runs go to OUTPUT_DIR/<dataset>/<time>_<name>/")
     g.add_argument("--log_period", type=positive_int, default=100, help="log every N iterations")
     g.add_argument("--eval_period", type=positive_int, default=1, help="evaluate every N epochs")
-    g.add_argument("--val_dataset", default="test", choices=("test", "val"), help="split used for validation")
+    g.add_argument("--val_dataset", default="val", choices=("val", "test"),
+                   help="split that chooses best.pth: val (a benchmark's own, or training identities held out where "
+                        "it has none; see --holdout_share) or test (the papers' protocol: optimistic, warns)")
+    g.add_argument("--holdout_share", type=float, default=0.05,
+                   help="share of training identities held out as validation where a benchmark has no val split "
+                        "(the same identities in every language and run)")
     g.add_argument("--resume", action="store_true",
                    help="continue the run of --resume_ckpt_file in its own folder, from where it was saved")
     g.add_argument("--resume_ckpt_file", default="", help="checkpoint to resume: a run's last.pth")
@@ -111,6 +116,8 @@ def _add_general(g: argparse._ArgumentGroup) -> None:
 
 
 def _check_general(args: argparse.Namespace) -> None:
+    if not 0 <= args.holdout_share < 1:
+        raise UserError(f"--holdout_share must lie in [0, 1), got {args.holdout_share}")
     if args.resume and not args.resume_ckpt_file:
         raise UserError("--resume needs --resume_ckpt_file PATH (e.g. logs/<dataset>/<run>/last.pth)")
     if args.auto_resume and args.resume:

@@ -21,6 +21,7 @@ from __future__ import annotations
 import abc
 import hashlib
 import os
+import shutil
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -77,6 +78,11 @@ class Tokenizer(abc.ABC):
     def random_token_range(self) -> tuple[int, int]:
         """``[low, high)``: MLM's random replacements are drawn uniformly from these ids."""
         return 0, self.vocab_size
+
+    def save(self, folder: str) -> bool:
+        """Copy the files that define the vocabulary into ``folder`` (so a run can be evaluated with exactly the
+        tokenizer it trained with); False when there is nothing to copy (a fixed, packaged vocabulary)."""
+        return False
 
     @property
     def special_ids(self) -> frozenset[int]:
@@ -182,6 +188,12 @@ class HuggingFaceTokenizer(Tokenizer):
         while high - 1 in special:
             high -= 1
         return low, high
+
+    def save(self, folder: str) -> bool:
+        os.makedirs(folder, exist_ok=True)
+        for path in self.files:
+            shutil.copyfile(path, os.path.join(folder, os.path.basename(path)))
+        return bool(self.files)
 
     def encode(self, text: str) -> list[int]:
         if self.clean is not None:
@@ -346,3 +358,48 @@ def _seed_pieces(texts: Sequence[str]) -> dict[str, int]:
                     start = end
     return counts
 
+
+#: The special tokens of a WordPiece vocabulary built here, in id order.
+WORDPIECE_SPECIALS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
+
+
+def build_wordpiece_vocab(captions: Iterable[str], folder: str, vocab_size: int) -> str:
+    """Build an uncased BERT WordPiece vocabulary from ``captions``, write ``folder/vocab.txt``; returns ``folder``.
+
+    The captions are normalised and split into words as BERT's tokenizer does (``tokenizers``' ``BertNormalizer``
+    with lower-casing and accent stripping, and ``BertPreTokenizer``). The vocabulary is, in id order:
+    ``[PAD] [UNK] [CLS] [SEP] [MASK]`` (ids 0-4); every character seen, alone and as a ``##`` continuation
+    (sorted), so any word made of seen characters is encoded without ``[UNK]``; then whole words, most frequent
+    first (ties alphabetical), up to ``vocab_size`` ids in all. It is a pure function of the set of words and
+    their counts: the same captions always give the same file (the ``tokenizers`` WordPiece trainer does not —
+    its tie-breaking changes from run to run, measured — so a vocabulary rebuilt for evaluation could differ
+    from the training one). The result loads with ``load_hf_tokenizer("wordpiece", folder)``; the file is
+    written under a temporary name and renamed, so processes building it at once never read a partial file.
+
+    Raises:
+        UserError: no caption text, or ``vocab_size`` too small for the special tokens and the characters.
+    """
+    from tokenizers.normalizers import BertNormalizer  # optional dependency: only WordPiece vocabularies need it
+    from tokenizers.pre_tokenizers import BertPreTokenizer
+
+    normalizer, splitter = BertNormalizer(lowercase=True), BertPreTokenizer()
+    counts: dict[str, int] = {}
+    for caption in captions:
+        for word, _ in splitter.pre_tokenize_str(normalizer.normalize_str(caption)):
+            counts[word] = counts.get(word, 0) + 1
+    if not counts:
+        raise UserError("no caption text to build a WordPiece vocabulary from")
+    chars = sorted({char for word in counts for char in word})
+    base = [*WORDPIECE_SPECIALS, *chars, *(f"##{char}" for char in chars)]
+    if vocab_size < len(base):
+        raise UserError(f"a WordPiece vocabulary of these captions needs at least {len(base)} ids (5 special tokens "
+                        f"and 2 per character seen), got vocab_size {vocab_size}")
+    taken = set(base)
+    words = [w for w in sorted(counts, key=lambda w: (-counts[w], w)) if w not in taken][: vocab_size - len(base)]
+    os.makedirs(folder, exist_ok=True)
+    path = os.path.join(folder, "vocab.txt")
+    temporary = f"{path}.{os.getpid()}.tmp"
+    with open(temporary, "w", encoding="utf-8") as handle:
+        handle.writelines(f"{token}\n" for token in base + words)
+    os.replace(temporary, path)
+    return folder
