@@ -31,6 +31,9 @@ TINY = ["--pretrain_choice", "tiny", "--from_scratch", "--img_size", "64", "32",
 METHODS = {
     "irra": ["--loss_names", "sdm+mlm+id", "--optimizer", "Adam", "--lr", "1e-4", "--warmup_epochs", "1",
              "--cmt_depth", "1"],
+    # the learning-rate schedule stepped after every iteration (Bi-IRRA's way)
+    "irra_per_iteration": ["--loss_names", "sdm+mlm+id", "--optimizer", "AdamW", "--lr", "1e-4", "--warmup_epochs",
+                           "1", "--cmt_depth", "1", "--scheduler_unit", "iteration"],
     "php": ["--model", "php", "--loss_names", "sdm+itc+aux+id+mlm", "--cnum", "3", "--num_experts", "3",
             "--topk", "2", "--reduction", "4", "--moe_layers", "1", "--moe_heads", "2", "--cmt_depth", "1",
             "--optimizer", "AdamW", "--lr", "2e-4", "--warmup_epochs", "0"],
@@ -46,8 +49,8 @@ def data_root(tmp_path_factory):
 
 
 def command(method, workers, data_root, output_dir):
-    return ["--root_dir", data_root, "--output_dir", output_dir, "--name", method, "--num_workers", str(workers),
-            *TINY, *METHODS[method]]
+    return ["--root_dir", data_root, "--output_dir", output_dir, "--name", method.split("_")[0], "--num_workers",
+            str(workers), *TINY, *METHODS[method]]
 
 
 def run_faulty(argv, *faults):
@@ -141,7 +144,8 @@ def test_killed_twice_then_resumed_equals_the_uninterrupted_run(data_root, refer
 
 @pytest.mark.slow
 @pytest.mark.parametrize("seed", [1, 2, 3])
-@pytest.mark.parametrize("method, workers", [("irra", 0), ("irra", 2), ("php", 0), ("php", 2)])
+@pytest.mark.parametrize("method, workers", [("irra", 0), ("irra", 2), ("php", 0), ("php", 2),
+                                             ("irra_per_iteration", 2)])
 def test_kill_resume_matrix(method, workers, seed, data_root, references, tmp_path):
     run_dir = kill_and_resume(method, workers, data_root, str(tmp_path / "logs"), seed=seed)
     assert_same_run(outcome(run_dir), references(method, workers))
