@@ -34,11 +34,14 @@ from utils.iotools import CONFIG_NAME
 logger = logging.getLogger(__name__)
 
 #: Options that may differ between a run and its continuation: where and how fast it runs, what it logs, how
-#: long it trains, and where its files are (the training data are compared by their fingerprint instead).
+#: long it trains, and where its input files are (the weights and vocabularies it started from are in the
+#: checkpoint by then; the training data are compared by their fingerprint instead).
 MAY_DIFFER = frozenset({
-    "resume", "resume_ckpt_file", "auto_resume", "config_file", "local_rank", "name", "output_dir", "root_dir",
-    "device", "precision", "num_workers", "log_period", "eval_period", "checkpoint_every", "num_epoch",
-    "test_batch_size", "eval_chunk_size", "pretrain_choice", "download_root",
+    "resume", "resume_ckpt_file", "auto_resume", "config_file", "local_rank", "name", "output_dir", "device",
+    "precision", "num_workers", "log_period", "eval_period", "checkpoint_every", "num_epoch", "test_batch_size",
+    "eval_chunk_size", "biirra_rerank_batch",
+    "root_dir", "anno_file", "attribute_file", "cache_dir", "tokenizer_dir", "pretrain_choice", "download_root",
+    "bert_weights", "vit_weights", "cclm_checkpoint", "ivt_checkpoint", "xlmr_dir",
 })
 
 
