@@ -236,7 +236,7 @@ def do_train(args, model, criterion, train_loader, evaluator, optimizer, schedul
     global_batch = getattr(args, "batch_size", None)
     every = int(getattr(args, "checkpoint_every", 0) or 0)
     with DeferredStop() as stop:
-        guard = TrainingGuard(checkpointer, model, env, every, args.num_epoch, run_facts or {}, stop)
+        guard = TrainingGuard(checkpointer, model, every, args.num_epoch, run_facts or {}, stop)
         try:
             logger.info("Start training: epochs %d..%d%s, checkpoint every %s", progress.epoch + 1, args.num_epoch,
                         f" (from iteration {progress.iteration + 1})" if progress.iteration else "",

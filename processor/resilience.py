@@ -127,12 +127,19 @@ class NonFiniteWatch:
 
 def non_finite_weights(model: nn.Module) -> list[str]:
     """Names of the model's floating-point parameters and buffers that hold a NaN or an infinity."""
-    state = unwrap_model(model).state_dict()
-    return [name for name, tensor in state.items()
-            if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all())]
+    tensors = {name: t for name, t in unwrap_model(model).state_dict().items() if t.is_floating_point()}
+    if not tensors:
+        return []
+    finite = torch.stack([torch.isfinite(t).all() for t in tensors.values()]).tolist()  # one sync, not one each
+    return [name for name, ok in zip(tensors, finite) if not ok]
 
 
 # -- checkpoints and stops between iterations ----------------------------------------------------------------
+def describe_position(epoch: int, iteration: int) -> str:
+    """Where a run stands, in words: after ``epoch`` completed epochs and ``iteration`` iterations of the next."""
+    return f"the end of epoch {epoch}" if iteration == 0 else f"epoch {epoch + 1}, iteration {iteration}"
+
+
 class TrainingGuard:
     """Checkpoints, stop requests and the non-finite watch of one training run (see the module docstring).
 
@@ -142,7 +149,6 @@ class TrainingGuard:
     Args:
         checkpointer: writes ``last.pth`` (on rank 0).
         model: the trained model (its weights are checked before each save).
-        env: the process layout.
         checkpoint_every: write ``last.pth`` every N iterations (0: at the end of each epoch only).
         num_epoch: the run's length (recorded in ``last.pth``).
         run_facts: what ``last.pth`` records about the run (``{"options": …, "data": …}``), for the checks made
@@ -150,11 +156,10 @@ class TrainingGuard:
         stop: the signal recorder installed around the training loop.
     """
 
-    def __init__(self, checkpointer: Checkpointer, model: nn.Module, env: DistEnv, checkpoint_every: int,
-                 num_epoch: int, run_facts: Mapping[str, Any], stop: DeferredStop) -> None:
+    def __init__(self, checkpointer: Checkpointer, model: nn.Module, checkpoint_every: int, num_epoch: int,
+                 run_facts: Mapping[str, Any], stop: DeferredStop) -> None:
         self.checkpointer = checkpointer
         self.model = model
-        self.env = env
         self.checkpoint_every = checkpoint_every
         self.num_epoch = num_epoch
         self.run_facts = dict(run_facts)
@@ -166,14 +171,13 @@ class TrainingGuard:
 
     def _what_is_saved(self) -> str:
         if self.saved_at is None:
-            return "no checkpoint was written by this run"
-        epoch, iteration = self.saved_at
-        where = f"the end of epoch {epoch}" if iteration == 0 else f"epoch {epoch + 1}, iteration {iteration}"
-        return f"{os.path.join(self.checkpointer.save_dir, 'last.pth')} holds the state at {where}"
+            return "last.pth was not overwritten"
+        return (f"{os.path.join(self.checkpointer.save_dir, 'last.pth')} holds the state at "
+                f"{describe_position(*self.saved_at)}")
 
     def check_finite(self) -> None:
         """Raise :class:`TrainingDiverged` when a loss term of an iteration so far was not finite (collective)."""
-        self.watch.check(self._what_is_saved() if self.saved_at else "last.pth was not overwritten")
+        self.watch.check(self._what_is_saved())
 
     def save_last(self, progress) -> None:
         """Write ``last.pth`` with everything needed to continue exactly from ``progress`` (a
@@ -181,8 +185,8 @@ class TrainingGuard:
         self.check_finite()
         bad = non_finite_weights(self.model)  # identical on every rank: DDP keeps the weights in step
         if bad:
-            raise TrainingDiverged(f"the weights hold NaN or infinite values after epoch {progress.epoch + 1}, "
-                                   f"iteration {progress.iteration} ({', '.join(bad[:3])}"
+            raise TrainingDiverged(f"the weights hold NaN or infinite values at "
+                                   f"{describe_position(progress.epoch, progress.iteration)} ({', '.join(bad[:3])}"
                                    f"{', …' if len(bad) > 3 else ''}); training stopped and "
                                    f"{self._what_is_saved()}; {DIVERGED_ADVICE}")
         rng = all_gather_objects(capture_rng_state())
@@ -208,8 +212,7 @@ class TrainingGuard:
         if self.saved_at != (progress.epoch, progress.iteration):
             self.save_last(progress)
         signum = self.stop_signal or self.stop.received or int(signal.SIGTERM)
-        where = (f"the end of epoch {progress.epoch}" if progress.iteration == 0
-                 else f"epoch {progress.epoch + 1}, iteration {progress.iteration}")
+        where = describe_position(progress.epoch, progress.iteration)
         last = os.path.join(self.checkpointer.save_dir, "last.pth")
         message = (f"stopped by {signal_name(signum)} at {where}; {last} holds everything to continue: run the same "
                    f"command with --resume --resume_ckpt_file {last} (or --auto_resume)")

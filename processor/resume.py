@@ -25,7 +25,7 @@ from typing import Any
 import torch
 
 from processor.processor import Progress
-from processor.resilience import restore_rng_states
+from processor.resilience import describe_position, restore_rng_states
 from utils.checkpoint import Checkpointer, load_checkpoint_file, remove_leftovers
 from utils.comm import DistEnv
 from utils.errors import UserError
@@ -195,9 +195,8 @@ def restore_training(point: ResumePoint, checkpointer: Checkpointer, env: DistEn
         return None
     checkpointer.restore(point.data, point.path)
     progress = _saved_progress(point.data, point.path, env.device) if "progress" in point.data else point.progress
-    where = (f"the end of epoch {progress.epoch}" if progress.iteration == 0
-             else f"epoch {progress.epoch + 1}, iteration {progress.iteration}")
-    logger.info("Resumed from %s: continuing after %s (best R1 so far %.3f)", point.path, where, progress.best_top1)
+    logger.info("Resumed from %s: continuing after %s (best R1 so far %.3f)", point.path,
+                describe_position(progress.epoch, progress.iteration), progress.best_top1)
     return progress
 
 

@@ -470,7 +470,7 @@ def test_non_finite_weights_are_never_saved(data, tmp_path, capsys, monkeypatch)
 
     monkeypatch.setattr(loop, "optimizer_step", poisoning_step)
     fails_cleanly(command(data, tmp_path / "logs", "--checkpoint_every", "2"), capsys,
-                  "the weights hold NaN or infinite values after epoch 1, iteration 2", status=3)
+                  "the weights hold NaN or infinite values at epoch 1, iteration 2", status=3)
 
 
 def test_gradient_scaler_skips_are_logged_not_fatal(caplog):
