@@ -69,11 +69,13 @@ class BilingualImageTextDataset(ImageTextDataset):
         mask_grid: ``(rows, columns)`` of image patches the mask covers.
         mask_ratio: share of patches masked.
         seed: seed of the random stream when items are read in the main process.
+        cache_dir: where the tokenised captions are cached (see :func:`datasets.bases.tokenize_captions`).
     """
 
     def __init__(self, samples: Sequence[MultilingualSample], languages: Sequence[str],
                  transform: Optional[Callable], tokenizer: Tokenizer, text_length: int, masking: MaskingConfig,
-                 mask_grid: tuple[int, int], mask_ratio: float, seed: int = 0) -> None:
+                 mask_grid: tuple[int, int], mask_ratio: float, seed: int = 0,
+                 cache_dir: Optional[str] = None) -> None:
         self.samples = list(samples)
         self.languages = tuple(languages)
         missing = sorted({lang for *_, captions in self.samples[:1] for lang in self.languages if lang not in captions})
@@ -87,7 +89,8 @@ class BilingualImageTextDataset(ImageTextDataset):
         self.mask_ratio = float(mask_ratio)
         self.pad_id = tokenizer.specials.pad
         self.seed = seed
-        self.caption_ids = {lang: tokenize_captions([s[3][lang] for s in self.samples], tokenizer, text_length)
+        self.caption_ids = {lang: tokenize_captions([s[3][lang] for s in self.samples], tokenizer, text_length,
+                                                    cache_dir=cache_dir)
                             for lang in self.languages}
         self._rng: Optional[torch.Generator] = None
         self._rng_owner: Optional[tuple] = None

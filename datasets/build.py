@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import argparse
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import NamedTuple, Optional, Union
 
 import torch
@@ -26,8 +26,9 @@ from datasets.pedes import DATASETS, PedesDataset, build_dataset, check_image_fi
 from datasets.resumable import EpochSampler, SeededSamples, worker_init
 from datasets.sampler import RandomIdentitySampler, ShardedRandomSampler
 from datasets.transforms import build_transforms
-from utils.comm import pins_memory
+from utils.comm import pins_memory, synchronize
 from utils.errors import UserError
+from utils.iotools import default_cache_dir
 from utils.options import OptionGroup, non_negative_int, positive_int, register_options
 from utils.tokenizers import ClipBpeTokenizer, Tokenizer
 
@@ -76,6 +77,7 @@ def make_eval_loaders(
     tokenizer=None,
     images: bool = True,
     texts: bool = True,
+    cache_dir: Optional[str] = None,
 ) -> tuple[Optional[DataLoader], Optional[DataLoader]]:
     """Unshuffled image loader ``(pid, image)`` and text loader ``(pid, caption_ids)`` of one split; ``transform``
     turns each PIL image into a tensor. ``images=False`` / ``texts=False`` skip one of them (None)."""
@@ -84,7 +86,8 @@ def make_eval_loaders(
         image_set = ImageDataset(split["image_pids"], split["img_paths"], transform)
         image_loader = make_loader(image_set, batch_size, num_workers, pin_memory, seed)
     if texts:
-        text_set = TextDataset(split["caption_pids"], split["captions"], text_length=text_length, tokenizer=tokenizer)
+        text_set = TextDataset(split["caption_pids"], split["captions"], text_length=text_length, tokenizer=tokenizer,
+                               cache_dir=cache_dir)
         text_loader = make_loader(text_set, batch_size, num_workers, pin_memory, seed)
     return image_loader, text_loader
 
@@ -213,6 +216,11 @@ def training_captions(dataset: Benchmark) -> list[str]:
     return [sample[3] for sample in dataset.train]
 
 
+def caption_cache_dir(args: argparse.Namespace) -> str:
+    """Where tokenised captions are cached: ``--cache_dir`` or the user's cache folder."""
+    return getattr(args, "cache_dir", "") or default_cache_dir()
+
+
 def masking_from_args(args: argparse.Namespace, tokenizer: Tokenizer) -> MaskingConfig:
     """The MLM settings of the options (rates, cap) with ``tokenizer``'s ids."""
     return MaskingConfig.for_tokenizer(
@@ -238,6 +246,7 @@ def irra_train_set(args: argparse.Namespace, dataset: Benchmark, tokenizer: Toke
         tokenizer=tokenizer,
         masking=masking,
         keep_caption_unmasked=bool(getattr(args, "keep_caption_unmasked", False)),
+        cache_dir=caption_cache_dir(args),
     )
 
 
@@ -276,20 +285,20 @@ def _train_sampler(args, dataset: Benchmark, world_size: int, rank: int, seed: i
 def _eval_loaders(dataset: Benchmark, split_name: str, transform, args, batch_size: int, pin_memory: bool,
                   seed: int, tokenizer: Tokenizer):
     """The images of one split and its captions: one text loader, or ``{language: loader}`` with languages."""
+    options = dict(transform=transform, text_length=args.text_length, batch_size=batch_size,
+                   num_workers=args.num_workers, pin_memory=pin_memory, seed=seed, tokenizer=tokenizer,
+                   cache_dir=caption_cache_dir(args))
     if isinstance(dataset, MultilingualDataset) and len(dataset.languages) > 1:
         split = dataset.split(split_name)
-        images, _ = make_eval_loaders(language_split(split, dataset.languages[0]), transform, args.text_length,
-                                      batch_size, args.num_workers, pin_memory, seed, tokenizer, texts=False)
-        texts = {lang: make_eval_loaders(language_split(split, lang), transform, args.text_length, batch_size,
-                                         args.num_workers, pin_memory, seed, tokenizer, images=False)[1]
+        images, _ = make_eval_loaders(language_split(split, dataset.languages[0]), texts=False, **options)
+        texts = {lang: make_eval_loaders(language_split(split, lang), images=False, **options)[1]
                  for lang in dataset.languages}
         return images, texts
     if isinstance(dataset, MultilingualDataset):
         split = dataset.split(split_name, dataset.languages[0])
     else:
         split = dataset.split(split_name)
-    return make_eval_loaders(split, transform, args.text_length, batch_size, args.num_workers, pin_memory, seed,
-                             tokenizer)
+    return make_eval_loaders(split, **options)
 
 
 def build_dataloader(args, tokenizer: Optional[Tokenizer] = None, *, dataset: Optional[Benchmark] = None,
@@ -318,6 +327,17 @@ def build_dataloader(args, tokenizer: Optional[Tokenizer] = None, *, dataset: Op
     """
     if world_size < 1 or not 0 <= rank < world_size:
         raise UserError(f"rank {rank} is outside world size {world_size}.")
+    if world_size > 1 and rank > 0:
+        synchronize()  # rank 0 tokenises first and fills the caption cache; the others then read it
+    try:
+        return _build_loaders(args, tokenizer, dataset, build_train_set, test_transform, world_size, rank, device)
+    finally:
+        if world_size > 1 and rank == 0:
+            synchronize()
+
+
+def _build_loaders(args, tokenizer, dataset, build_train_set, test_transform, world_size, rank,
+                   device) -> DataLoaders:
     seed = int(getattr(args, "seed", 1))
     dataset = dataset if dataset is not None else load_benchmark(args)
     pin_memory = pins_memory(device)

@@ -17,7 +17,7 @@ import os
 from collections.abc import Sequence
 
 from datasets.bilingual import BilingualImageTextDataset
-from datasets.build import masking_from_args
+from datasets.build import caption_cache_dir, masking_from_args
 from datasets.multilingual import MultilingualDataset
 from datasets.transforms import build_tbps_transforms
 from model.registry import Method, register_method
@@ -141,7 +141,7 @@ def build_biirra_train_set(args: argparse.Namespace, dataset, tokenizer: Tokeniz
     return BilingualImageTextDataset(
         dataset.train, biirra_languages(args), build_tbps_transforms(args.img_size, is_train=True), tokenizer,
         args.text_length, masking_from_args(args, tokenizer), (height // PATCH_SIZE, width // PATCH_SIZE),
-        args.biirra_image_mask_ratio, seed=seed)
+        args.biirra_image_mask_ratio, seed=seed, cache_dir=caption_cache_dir(args))
 
 
 BIIRRA_METHOD = register_method(Method(

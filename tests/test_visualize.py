@@ -132,3 +132,28 @@ def test_default_folder_is_in_the_run(tiny_run, tmp_path):
     config = copy_run(config, tmp_path / "run")
     assert visualize.main(search_argv(config, data, "--query_index", "2")) == 0
     assert os.path.isfile(tmp_path / "run" / "visualize" / "caption_2.png")
+
+
+def test_chinese_text_wraps_by_width_and_asks_for_a_cjk_font(tmp_path, caplog, monkeypatch):
+    from processor import visualization
+    from utils import fonts
+
+    monkeypatch.setattr(fonts, "_warned", False)  # the warning comes once per process: earlier tests may have had it
+
+    text = "穿红色外套、背着黑色双肩包的年轻女子走在路上" * 3
+    lines = visualization._wrap(text, 3.0, 14)  # 3 inches at 14 pt: about 29 narrow units, 14 Chinese characters
+    assert "".join(lines) == text and len(lines) > 2
+    assert all(sum(2 if visualization._is_wide(c) else 1 for c in line) <= 29 for line in lines)
+    assert visualization._wrap("a man in a blue coat", 3.0, 14) == ["a man in a blue coat"]
+    image = tmp_path / "person.png"
+    from PIL import Image
+
+    Image.new("RGB", (16, 32), (200, 10, 10)).save(image)
+    group = visualization.TileGroup("前 1 名", [visualization.Tile(str(image), "#1  0.900\nid 3")])
+    with caplog.at_level("WARNING"):
+        size = visualization.draw_ranking(str(tmp_path / "zh.png"), text, [group])
+    assert size == visualization.ranking_size(text, [group])
+    from utils.fonts import find_cjk_font
+
+    if find_cjk_font() is None:
+        assert "fonts-noto-cjk" in caplog.text
