@@ -30,7 +30,17 @@ latest_run() { ls -td "$1"/*/ 2>/dev/null | head -n 1; }
 
 launch() {
     if [[ -n "${NPROC:-}" && "${NPROC}" -gt 1 ]]; then
-        torchrun --standalone --nproc_per_node="$NPROC" train.py "$@"
+        # torchrun exits with 1 whatever failed; the error file it writes names the failing process's status
+        # (2: bad input, 3: diverged, 128+N: stopped by signal N; docs/reliability.md).
+        local errors status=0
+        errors=$(mktemp)
+        TORCHELASTIC_ERROR_FILE="$errors" torchrun --standalone --nproc_per_node="$NPROC" train.py "$@" || status=$?
+        if [[ $status -ne 0 && -s "$errors" ]]; then
+            status=$($PYTHON -c 'import json, sys; print(json.load(open(sys.argv[1]))["message"]["errorCode"])' \
+                "$errors" 2>/dev/null || echo "$status")
+        fi
+        rm -f "$errors"
+        return "$status"
     else
         $PYTHON train.py "$@"
     fi

@@ -15,7 +15,7 @@ from collections.abc import Sequence
 
 import torch
 
-from datasets import build_dataloader
+from datasets import build_dataloader, check_images, load_benchmark
 from processor.evaluation import build_evaluator
 from processor.reporting import append_test_result, run_record
 from processor.run_loading import add_run_arguments, load_run_config, load_run_model, open_run_from_cli
@@ -43,9 +43,11 @@ def run(cli: argparse.Namespace):
     logger = setup_logger("IRRA", save_dir=handle.run_dir, if_train=False)
     logger.info("Evaluating %s (%s) on %s, precision %s", handle.checkpoint, handle.args.dataset_name,
                 handle.device, handle.args.precision)
+    dataset = load_benchmark(handle.args)
+    check_images(dataset, ("test",))  # before the model is built: a missing image is found at once
     model = load_run_model(handle)
-    loaders = build_dataloader(handle.args, handle.tokenizer(), test_transform=handle.test_transform(),
-                               device=str(handle.device))
+    loaders = build_dataloader(handle.args, handle.tokenizer(), dataset=dataset,
+                               test_transform=handle.test_transform(), device=str(handle.device))
     if cli.eval_chunk_size:
         handle.args.eval_chunk_size = cli.eval_chunk_size
     if cli.rerank_topk >= 0:

@@ -13,7 +13,7 @@ from datasets.bases import (
     tokenize,
     tokenize_captions,
 )
-from datasets.build import DataLoaders, build_dataloader, load_benchmark, training_captions
+from datasets.build import DataLoaders, build_dataloader, check_images, load_benchmark, training_captions
 from datasets.pedes import DATASETS, PedesDataset, PedesSpec, build_dataset
 from datasets.sampler import RandomIdentitySampler, ShardedRandomSampler
 from datasets.transforms import CLIP_MEAN, CLIP_STD, build_transforms
@@ -32,6 +32,7 @@ __all__ = [
     "ShardedRandomSampler",
     "TextDataset",
     "build_dataloader",
+    "check_images",
     "load_benchmark",
     "training_captions",
     "build_dataset",

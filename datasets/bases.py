@@ -8,15 +8,10 @@
 * :class:`ImageDataset`, :class:`TextDataset`, :class:`ImageTextDataset` are the map-style datasets
   the loaders wrap. Captions are tokenised once, when a dataset is built, never per item.
 
-Randomness of the masking (see :meth:`ImageTextDataset._generator`): every process that reads items
-owns one ``torch.Generator``. In a DataLoader worker it is seeded with ``worker_info.seed``, which the
-DataLoader sets to ``base_seed + worker_id`` where ``base_seed`` is drawn from the loader's own seeded
-generator each time an iterator starts; so workers draw different streams, a fresh (non-persistent)
-set of workers draws new streams every epoch, persistent workers simply continue theirs, and the whole
-run is reproducible from the loader generator's seed. In the main process (``num_workers=0``) the
-generator is seeded with the dataset's ``seed`` argument. A generator is tied to the process and
-worker that created it, so a dataset pickled into workers after being used in the parent never
-replays the parent's stream.
+Randomness: the MLM masking draws from torch's global generator, like the image transforms. The training
+loader makes that stream a function of ``(seed, epoch, index)`` for every item (:mod:`datasets.resumable`), so
+a sample is masked and augmented the same whichever process or worker reads it, and a resumed run reads what
+the uninterrupted run would have read.
 """
 from __future__ import annotations
 
@@ -28,7 +23,7 @@ from typing import Callable, Optional, Sequence
 
 import torch
 from PIL import Image, UnidentifiedImageError
-from torch.utils.data import Dataset, get_worker_info
+from torch.utils.data import Dataset
 
 from utils.errors import UserError
 from utils.simple_tokenizer import SimpleTokenizer
@@ -318,9 +313,9 @@ class ImageTextDataset(Dataset):
         samples: ``(pid, image_id, img_path, caption)`` tuples, e.g. ``build_dataset(...).train``.
         transform: image transform (PIL image -> tensor).
         text_length, truncate, tokenizer: see :func:`tokenize`; ``tokenizer=None`` uses CLIP's BPE.
-        masking: MLM corruption settings, or ``None`` for no MLM fields.
+        masking: MLM corruption settings, or ``None`` for no MLM fields (drawn from torch's global generator,
+            see the module docstring).
         keep_caption_unmasked: return the clean caption as ``caption_ids`` even with masking.
-        seed: seed of the masking stream when items are read in the main process (see module docstring).
         cache_dir: where the tokenised captions are cached (see :func:`tokenize_captions`); None: not cached.
     """
 
@@ -333,7 +328,6 @@ class ImageTextDataset(Dataset):
         tokenizer=None,
         masking: Optional[MaskingConfig] = None,
         keep_caption_unmasked: bool = False,
-        seed: int = 0,
         cache_dir: Optional[str] = None,
     ):
         self.samples = list(samples)
@@ -341,23 +335,10 @@ class ImageTextDataset(Dataset):
         self.transform = transform
         self.masking = masking
         self.keep_caption_unmasked = keep_caption_unmasked
-        self.seed = seed
         self.caption_ids = tokenize_captions([s[3] for s in self.samples], tokenizer, text_length, truncate, cache_dir)
-        self._rng: Optional[torch.Generator] = None
-        self._rng_owner: Optional[tuple] = None
 
     def __len__(self) -> int:
         return len(self.samples)
-
-    def _generator(self) -> torch.Generator:
-        """The masking stream of the current process / DataLoader worker (created on first use)."""
-        info = get_worker_info()
-        owner = (os.getpid(), None) if info is None else (os.getpid(), info.id, info.seed)
-        if self._rng is None or self._rng_owner != owner:
-            seed = self.seed if info is None else info.seed
-            self._rng = torch.Generator().manual_seed(seed)
-            self._rng_owner = owner
-        return self._rng
 
     def __getitem__(self, index: int) -> dict:
         pid, image_id, img_path, _ = self.samples[index]
@@ -367,7 +348,7 @@ class ImageTextDataset(Dataset):
         caption = self.caption_ids[index].clone()
         item = {"pids": pid, "image_ids": image_id, "images": img, "caption_ids": caption}
         if self.masking is not None:
-            mlm_ids, mlm_labels = mask_tokens(caption, self.masking, self._generator())
+            mlm_ids, mlm_labels = mask_tokens(caption, self.masking)
             item["mlm_ids"] = mlm_ids
             item["mlm_labels"] = mlm_labels
             if not self.keep_caption_unmasked:

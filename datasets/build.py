@@ -4,9 +4,11 @@ home of the data flags (their option group is registered when ``datasets`` is im
 :func:`build_dataloader` parses the benchmark, builds the datasets, the sampler and the loaders.
 ``args.batch_size`` is the global batch: each rank's training loader takes
 ``batch_size // world_size`` samples per step (see :mod:`datasets.sampler` for how a rank's share is
-chosen). Seeds: the samplers use ``args.seed`` on every rank (all ranks must agree on the global
-order); the loader generator, which seeds the DataLoader workers and so the MLM masking streams, uses
-a seed derived from ``(args.seed, rank)`` so ranks mask differently but reproducibly.
+chosen). Seeds: the samplers use ``args.seed`` on every rank (all ranks must agree on the global order), and
+every training sample's random draws (augmentation, MLM masking) come from ``(args.seed, epoch, index)``
+(:mod:`datasets.resumable`), so they do not depend on the process layout, the number of workers or an
+interruption; the training loader can start an epoch at any iteration (``loader.sampler.set_epoch(epoch,
+start_iteration)``).
 """
 from __future__ import annotations
 
@@ -20,7 +22,8 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from datasets.bases import ImageDataset, ImageTextDataset, MaskingConfig, TextDataset, TrainSample
 from datasets.multilingual import MultilingualDataset, build_multilingual_dataset, language_split, parse_languages
-from datasets.pedes import DATASETS, PedesDataset, build_dataset
+from datasets.pedes import DATASETS, PedesDataset, build_dataset, check_image_files
+from datasets.resumable import EpochSampler, SeededSamples, worker_init
 from datasets.sampler import RandomIdentitySampler, ShardedRandomSampler
 from datasets.transforms import build_transforms
 from utils.comm import pins_memory, synchronize
@@ -47,7 +50,8 @@ def make_loader(
     seed: int,
     sampler: Optional[Sampler] = None,
 ) -> DataLoader:
-    """A DataLoader in fixed (``sampler=None``) or sampler order, seeded workers, last batch kept."""
+    """A DataLoader in fixed (``sampler=None``) or sampler order, seeded workers that leave the stop signals to
+    the main process, last batch kept."""
     return DataLoader(
         dataset,
         batch_size=batch_size,
@@ -58,6 +62,7 @@ def make_loader(
         persistent_workers=num_workers > 0,
         generator=torch.Generator().manual_seed(seed),
         drop_last=False,
+        worker_init_fn=worker_init if num_workers > 0 else None,
     )
 
 
@@ -178,6 +183,24 @@ def selection_split(args: argparse.Namespace, dataset: Benchmark) -> str:
     return "holdout" if getattr(dataset, "held_out_ids", None) or getattr(dataset, "val_entries", None) else "val"
 
 
+def check_images(dataset: Benchmark, splits: Sequence[str]) -> None:
+    """Check that every image of ``splits`` (``train``, ``val``, ``test``) exists, one ``stat`` each, before any
+    work starts.
+
+    Raises:
+        UserError: how many are missing, and the first few (see :func:`datasets.pedes.check_image_files`).
+    """
+    paths: list[str] = []
+    for split in splits:
+        if split == "train":
+            paths += [sample[2] for sample in dataset.train]
+        else:
+            data = dataset.val if split == "val" else dataset.test
+            paths += list(data["img_paths"]) if data else []
+    source = getattr(dataset, "anno_path", None) or dataset.dataset_dir
+    check_image_files(paths, dataset.img_dir, f"the {' and '.join(splits)} entries of '{source}'")
+
+
 def single_language_samples(dataset: Benchmark) -> list[TrainSample]:
     """``(pid, image_id, img_path, caption)`` training samples: a multilingual benchmark gives its first
     (source) language's captions."""
@@ -211,7 +234,10 @@ def masking_from_args(args: argparse.Namespace, tokenizer: Tokenizer) -> Masking
 
 def irra_train_set(args: argparse.Namespace, dataset: Benchmark, tokenizer: Tokenizer,
                    seed: int) -> ImageTextDataset:
-    """IRRA's training pipeline: its augmentation, the captions tokenised once, MLM masking when ``args.MLM``."""
+    """IRRA's training pipeline: its augmentation, the captions tokenised once, MLM masking when ``args.MLM``.
+
+    ``seed`` is not needed: the loader seeds each sample's draws (see the module docstring).
+    """
     masking = masking_from_args(args, tokenizer) if getattr(args, "MLM", False) else None
     return ImageTextDataset(
         single_language_samples(dataset),
@@ -220,7 +246,6 @@ def irra_train_set(args: argparse.Namespace, dataset: Benchmark, tokenizer: Toke
         tokenizer=tokenizer,
         masking=masking,
         keep_caption_unmasked=bool(getattr(args, "keep_caption_unmasked", False)),
-        seed=seed,
         cache_dir=caption_cache_dir(args),
     )
 
@@ -331,10 +356,10 @@ def _build_loaders(args, tokenizer, dataset, build_train_set, test_transform, wo
                         f"train on.")
     dataset.split(args.val_dataset)  # checked before the (slower) training set is tokenised
     train_set = (build_train_set or irra_train_set)(args, dataset, tokenizer, loader_seed)
-    sampler = _train_sampler(args, dataset, world_size, rank, seed)
-    train_loader = make_loader(
-        train_set, args.batch_size // world_size, args.num_workers, pin_memory, loader_seed, sampler=sampler
-    )
+    local_batch = args.batch_size // world_size
+    sampler = EpochSampler(_train_sampler(args, dataset, world_size, rank, seed), local_batch)
+    train_loader = make_loader(SeededSamples(train_set, seed), local_batch, args.num_workers, pin_memory,
+                               loader_seed, sampler=sampler)
     images, texts = _eval_loaders(dataset, args.val_dataset, test_transform, args, args.batch_size, pin_memory,
                                   loader_seed, tokenizer)
     return DataLoaders(train_loader, images, texts, dataset.num_classes)

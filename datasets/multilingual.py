@@ -32,7 +32,7 @@ from typing import Any, Optional
 from prettytable import PrettyTable
 
 from datasets.bases import TrainSample
-from datasets.pedes import check_entry, check_train_ids, holdout_identities, read_annotations
+from datasets.pedes import check_entry, check_repeats, check_train_ids, holdout_identities, read_annotations
 from utils.errors import UserError
 
 logger = logging.getLogger(__name__)
@@ -109,6 +109,7 @@ def read_parallel(paths: dict[str, str]) -> list[ParallelEntry]:
         for index, entry in enumerate(entries):
             check_entry(entry, f"Annotation file '{path}', entry {index}", ENTRY_KEYS, "file_path",
                         "multilingual annotation")
+        check_repeats(entries, "file_path", f"Annotation file '{path}'")
         files[language] = entries
     reference = languages[0]
     for language in languages[1:]:

@@ -207,6 +207,84 @@ def check_train_ids(pids: set[int], offset: int, source: str) -> None:
         )
 
 
+def check_repeats(entries: Sequence[dict[str, Any]], path_key: str, source: str) -> None:
+    """Refuse entries that repeat an earlier entry exactly; warn about images that several entries name.
+
+    A repeated test entry adds its image to the gallery twice and its captions to the queries twice, which
+    changes every score; it is never intended.
+
+    Raises:
+        UserError: naming the number of repeated entries, the first one and the fix.
+    """
+    first_of: dict[str, int] = {}
+    image_of: dict[str, int] = {}
+    repeated: list[tuple[int, int]] = []
+    shared: list[tuple[int, int]] = []
+    for index, entry in enumerate(entries):
+        text = json.dumps(entry, sort_keys=True, ensure_ascii=False)
+        if text in first_of:
+            repeated.append((index, first_of[text]))
+            continue
+        first_of[text] = index
+        path = str(entry.get(path_key))
+        if path in image_of:
+            shared.append((index, image_of[path]))
+        else:
+            image_of[path] = index
+    if repeated:
+        index, earlier = repeated[0]
+        raise UserError(f"{source}: {len(repeated)} entr{'y repeats' if len(repeated) == 1 else 'ies repeat'} an "
+                        f"earlier entry exactly (first: entry {index} = entry {earlier}, "
+                        f"'{entries[index].get(path_key)}'); repeated entries change the scores, remove them.")
+    if shared:
+        index, earlier = shared[0]
+        logger.warning("%s: %d entries name an image that an earlier entry names too (first: entry %d and entry %d, "
+                       "'%s'); each is used as a separate image.", source, len(shared), index, earlier,
+                       entries[index].get(path_key))
+
+
+def drop_empty_captions(entries: Sequence[dict[str, Any]], path_key: str, source: str) -> list[dict[str, Any]]:
+    """The entries with their blank captions removed; a warning counts the blank captions and the entries left
+    without any caption (their images are not trained on; in an evaluation split they are gallery images that
+    no query describes)."""
+    blank = 0
+    first_blank = None
+    captionless: list[int] = []
+    cleaned = []
+    for index, entry in enumerate(entries):
+        captions = [caption for caption in entry["captions"] if caption.strip()]
+        if len(captions) != len(entry["captions"]):
+            blank += len(entry["captions"]) - len(captions)
+            first_blank = index if first_blank is None else first_blank
+        if not captions:
+            captionless.append(index)
+        cleaned.append({**entry, "captions": captions} if len(captions) != len(entry["captions"]) else entry)
+    if blank:
+        logger.warning("%s: %d blank caption(s) ignored (first in entry %d).", source, blank, first_blank)
+    if captionless:
+        logger.warning("%s: %d entr%s no caption (first: entry %d, '%s'); %s not trained on and no query "
+                       "describes %s.", source, len(captionless), "y has" if len(captionless) == 1 else "ies have",
+                       captionless[0], entries[captionless[0]].get(path_key),
+                       "its image is" if len(captionless) == 1 else "their images are",
+                       "it" if len(captionless) == 1 else "them")
+    return cleaned
+
+
+def check_image_files(paths: Sequence[str], folder: str, source: str, shown: int = 3) -> None:
+    """Check that every image file exists (one ``stat`` each).
+
+    Raises:
+        UserError: how many of the images named by ``source`` are missing under ``folder``, and the first few.
+    """
+    unique = list(dict.fromkeys(paths))
+    missing = [path for path in unique if not os.path.isfile(path)]
+    if missing:
+        names = ", ".join(repr(os.path.relpath(path, folder)) for path in missing[:shown])
+        more = f" and {len(missing) - shown} more" if len(missing) > shown else ""
+        raise UserError(f"{len(missing)} of the {len(unique)} images named by {source} are missing under "
+                        f"'{folder}': {names}{more}. Check --root_dir, or restore the files from the dataset archive.")
+
+
 class PedesDataset:
     """A parsed benchmark.
 
@@ -233,9 +311,13 @@ class PedesDataset:
         self.img_dir = os.path.join(self.dataset_dir, spec.image_folder) if spec.image_folder else self.dataset_dir
         self.anno_path = self._check_files(anno_file)
 
-        by_split: dict[str, list[dict[str, Any]]] = {split: [] for split in SPLITS}
-        for index, entry in enumerate(read_annotations(self.anno_path)):
+        source = f"Annotation file '{self.anno_path}'"
+        entries = read_annotations(self.anno_path)
+        for index, entry in enumerate(entries):
             self._check_entry(index, entry)
+        check_repeats(entries, spec.path_key, source)
+        by_split: dict[str, list[dict[str, Any]]] = {split: [] for split in SPLITS}
+        for entry in drop_empty_captions(entries, spec.path_key, source):
             by_split[entry["split"]].append(entry)
         file_ids = {int(entry["id"]) for entry in by_split["train"]}
         check_train_ids({i - spec.train_id_offset for i in file_ids}, spec.train_id_offset,

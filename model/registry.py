@@ -67,7 +67,9 @@ class Method:
         check_arguments: ``(args, losses)`` raises :class:`UserError` naming the flag; runs only when this
             method is chosen.
         build_train_set: ``(args, samples, tokenizer, seed) -> Dataset`` replacing the default IRRA pipeline
-            (None: :func:`datasets.build.irra_train_set`).
+            (None: :func:`datasets.build.irra_train_set`). Its items should draw their randomness from the
+            global generators (torch, numpy, random): the loader seeds them per sample from ``(seed, epoch,
+            index)``, which makes runs resumable exactly (:mod:`datasets.resumable`).
         build_test_transform: ``(args) -> transform`` for evaluation images (None: IRRA's).
         recognise_checkpoint: tells a released checkpoint of this method from its weights, for configs that do not
             name the method (released runs of IRRA-based methods do not).

@@ -11,7 +11,9 @@ The cache key holds the checkpoint's name, size and modification time, a SHA-256
 image's person id, path, size and modification time, in order), and the options that change the embedding
 (dataset, split, model, image size, precision). Any difference rebuilds the file; it is written to a
 temporary name and renamed, so an interrupted run never leaves a half-written cache. A run folder that
-cannot be written to still works, without a cache.
+cannot be written to still works, without a cache. Cached features are checked before use — a ``[G, D]``
+tensor of finite numbers whose ``D`` is the model's (a one-word caption is encoded to know it: the two sides
+share their embedding size) — and rebuilt when they are not.
 
 Ranking follows :mod:`utils.metrics`: descending similarity of normalised features, ties broken by the lower
 gallery index (a stable sort), ranks counted from 1.
@@ -122,7 +124,11 @@ def _read_cache(path: str, key: dict[str, Any]) -> torch.Tensor | None:
         return None
     feats = data.get("feats")
     if not isinstance(feats, torch.Tensor) or feats.dim() != 2 or feats.shape[0] != key["num_images"]:
-        logger.warning("Ignoring the malformed gallery cache %s", path)
+        logger.warning("Ignoring the malformed gallery cache %s (features of shape %s for %d images); re-encoding",
+                       path, tuple(feats.shape) if isinstance(feats, torch.Tensor) else None, key["num_images"])
+        return None
+    if not feats.is_floating_point() or not bool(torch.isfinite(feats).all()):
+        logger.warning("Ignoring the gallery cache %s: its features are not all finite numbers; re-encoding", path)
         return None
     return feats.float()
 
@@ -192,6 +198,12 @@ def load_gallery(model: nn.Module, run: RunHandle, split: str, data: dict[str, l
     key = cache_key(run, split, pids, paths)
     path = cache_path(run, split)
     feats = None if rebuild else _read_cache(path, key)
+    if feats is not None and len(paths):
+        width = encode_captions(model, run, ["person"]).shape[1]
+        if feats.shape[1] != width:
+            logger.warning("Ignoring the gallery cache %s: its features have %d dimensions, the model's %d; "
+                           "re-encoding", path, feats.shape[1], width)
+            feats = None
     if feats is not None:
         logger.info("Using the cached embeddings of %d %s images from %s", len(paths), split, path)
         return Gallery(pids, paths, feats, from_cache=True)

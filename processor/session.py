@@ -25,7 +25,8 @@ from torch import nn
 
 from model import convert_weights_to_fp16
 from utils.comm import DistEnv
-from utils.errors import UserError
+from utils.entry import user_message
+from utils.errors import Stopped, UserError
 from utils.iotools import save_train_configs
 from utils.logger import detach_log_files
 from utils.precision import Precision
@@ -130,10 +131,17 @@ def guard_run_folder(run_dir: str, created: bool) -> Iterator[None]:
             detach_log_files()
             shutil.rmtree(run_dir, ignore_errors=True)
         else:
-            what = str(err) if isinstance(err, UserError) else f"{type(err).__name__}: {err}"
+            if isinstance(err, Stopped):
+                what = str(err)
+            elif isinstance(err, KeyboardInterrupt):
+                what = "stopped: interrupted (Ctrl-C)"
+            elif isinstance(err, UserError):
+                what = f"stopped: {user_message(err)}"
+            else:
+                what = f"stopped: {type(err).__name__}: {err}"
             try:
                 with open(os.path.join(run_dir, "train_log.txt"), "a") as log:
-                    log.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} stopped: {what}\n")
+                    log.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {what}\n")
             except OSError:
                 pass
         raise

@@ -17,6 +17,8 @@ if ROOT not in sys.path:
 import pytest
 import torch
 
+from utils.logger import remove_handlers
+
 
 @pytest.fixture(autouse=True)
 def single_thread():
@@ -25,3 +27,11 @@ def single_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(autouse=True)
+def fresh_log_handlers():
+    """Entry points called in-process attach console and file handlers to the root logger; remove them after
+    each test, so that no later test logs into a closed capture stream or another test's run folder."""
+    yield
+    remove_handlers()

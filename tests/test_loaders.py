@@ -75,7 +75,7 @@ def test_test_mode_and_val_split(root):
 def test_identity_sampler_and_sharding(root):
     args = _args(root, sampler="identity", batch_size=8, num_instance=2, seed=3)
     train, *_ = build_dataloader(args, world_size=2, rank=1)
-    assert train.batch_size == 4 and (train.sampler.num_replicas, train.sampler.rank) == (2, 1)
+    assert train.batch_size == 4 and (train.sampler.sampler.num_replicas, train.sampler.sampler.rank) == (2, 1)
     rank0, *_ = build_dataloader(_args(root, sampler="identity", num_instance=2, seed=3), world_size=2, rank=0)
     single, *_ = build_dataloader(_args(root, sampler="identity", num_instance=2, seed=3))
     for loader in (train, rank0, single):

@@ -168,6 +168,26 @@ def test_damaged_cache_is_rebuilt(tiny_run, tmp_path, count_image_encodings):
     assert torch.equal(torch.load(cache, weights_only=True)["feats"], gallery.feats)
 
 
+@pytest.mark.parametrize("fault", ["nan", "wrong width", "one row short"])
+def test_cache_with_a_valid_key_but_bad_features_is_rebuilt(tiny_run, tmp_path, count_image_encodings, caplog, fault):
+    config, data = tiny_run
+    config = copy_run(config, tmp_path / "run")
+    good = open_gallery(config, data)
+    cache = cache_path(open_run(config, root_dir=data, device="cpu"), "test")
+    saved = torch.load(cache, weights_only=True)
+    if fault == "nan":
+        saved["feats"][3, 0] = float("nan")
+    elif fault == "wrong width":
+        saved["feats"] = torch.cat([saved["feats"], saved["feats"]], dim=1)
+    else:
+        saved["feats"] = saved["feats"][1:]
+    torch.save(saved, cache)  # the key is still the current one
+    rebuilt = open_gallery(config, data)
+    assert not rebuilt.from_cache and count_image_encodings["images"] == 24
+    assert torch.equal(rebuilt.feats, good.feats) and "re-encoding" in caplog.text
+    assert open_gallery(config, data).from_cache  # the rebuilt cache is used again
+
+
 def test_pictures_are_pngs_of_the_laid_out_size(tiny_run, tmp_path, capsys, caplog):
     config, data = tiny_run
     queries_file = tmp_path / "queries.txt"

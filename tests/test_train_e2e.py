@@ -64,22 +64,24 @@ def test_train_then_test_then_resume(data_root, tmp_path):
     best = torch.load(os.path.join(run_dir, "best.pth"), weights_only=True)
     assert f"{best['best_top1']:.3f}" in open(os.path.join(run_dir, "train_log.txt")).read()
 
-    # Resume continues from the saved epoch with the saved optimizer and scheduler.
-    resume_out = str(tmp_path / "resumed")
-    assert train_entry.main(args[:args.index("--output_dir")] + ["--output_dir", resume_out] +
-                            args[args.index("--output_dir") + 2:args.index("--num_epoch")] +
-                            ["--num_epoch", "3", "--resume", "--resume_ckpt_file",
-                             os.path.join(run_dir, "last.pth")] + args[args.index("--num_epoch") + 2:]) == 0
-    [resumed] = run_dirs(resume_out)
-    assert epochs_in_log(os.path.join(resumed, "train_log.txt")) == [3]
-    assert "continuing at epoch 3" in open(os.path.join(resumed, "train_log.txt")).read()
-    after = torch.load(os.path.join(resumed, "last.pth"), weights_only=True)
+    # Resume continues in the same run folder from the saved epoch with the saved optimizer and scheduler.
+    best_before = open(os.path.join(run_dir, "best.pth"), "rb").read()
+    assert train_entry.main(args[:args.index("--num_epoch")] + ["--num_epoch", "3", "--resume", "--resume_ckpt_file",
+                            os.path.join(run_dir, "last.pth")] + args[args.index("--num_epoch") + 2:]) == 0
+    assert run_dirs(out) == [run_dir]
+    log = open(os.path.join(run_dir, "train_log.txt")).read()
+    assert epochs_in_log(os.path.join(run_dir, "train_log.txt")) == [1, 2, 3]
+    assert "continuing after the end of epoch 2" in log and log.index("Epoch 2 done") < log.index("Epoch[3]")
+    after = torch.load(os.path.join(run_dir, "last.pth"), weights_only=True)
     assert after["epoch"] == 3
     # The optimizer and scheduler states came back: Adam's step counts and the schedule continue from epoch 2.
     steps = {int(state["step"]) for state in last["optimizer"]["state"].values()}
     steps_after = {int(state["step"]) for state in after["optimizer"]["state"].values()}
     assert len(steps) == 1 and steps_after == {steps.pop() * 3 // 2}
     assert last["scheduler"]["last_epoch"] == 2 and after["scheduler"]["last_epoch"] == 3
+    best_after = torch.load(os.path.join(run_dir, "best.pth"), weights_only=True)
+    assert best_after["best_epoch"] in (best["best_epoch"], 3)  # best.pth is updated in the same folder
+    assert (best_after["best_epoch"] == 3) == (open(os.path.join(run_dir, "best.pth"), "rb").read() != best_before)
 
 
 def brute_force_metrics(config_file):

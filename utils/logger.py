@@ -33,11 +33,8 @@ def setup_logger(name: str = "IRRA", save_dir: str | None = None, if_train: bool
     Non-zero ranks log warnings and errors to the console only, so a multi-process run prints one log. With
     ``buffer`` the records are also kept for :func:`attach_log_file`.
     """
+    remove_handlers()
     root = logging.getLogger()
-    for handler in list(root.handlers):
-        if getattr(handler, "_irra_handler", False):
-            root.removeHandler(handler)
-            handler.close()
     root.setLevel(logging.INFO if distributed_rank == 0 else logging.WARNING)
     formatter = logging.Formatter(FORMAT)
 
@@ -57,6 +54,15 @@ def setup_logger(name: str = "IRRA", save_dir: str | None = None, if_train: bool
     for noisy in ("PIL", "matplotlib", "urllib3"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     return logging.getLogger(name)
+
+
+def remove_handlers() -> None:
+    """Close and remove every handler :func:`setup_logger` and :func:`attach_log_file` added."""
+    root = logging.getLogger()
+    for handler in list(root.handlers):
+        if getattr(handler, "_irra_handler", False):
+            root.removeHandler(handler)
+            handler.close()
 
 
 def attach_log_file(save_dir: str, file_name: str = "train_log.txt", mode: str = "w") -> str:

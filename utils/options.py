@@ -97,8 +97,14 @@ def _add_general(g: argparse._ArgumentGroup) -> None:
     g.add_argument("--holdout_share", type=float, default=0.05,
                    help="share of training identities held out as validation where a benchmark has no val split "
                         "(the same identities in every language and run)")
-    g.add_argument("--resume", action="store_true", help="continue the run saved in --resume_ckpt_file")
-    g.add_argument("--resume_ckpt_file", default="", help="checkpoint to resume (a last.pth or best.pth)")
+    g.add_argument("--resume", action="store_true",
+                   help="continue the run of --resume_ckpt_file in its own folder, from where it was saved")
+    g.add_argument("--resume_ckpt_file", default="", help="checkpoint to resume: a run's last.pth")
+    g.add_argument("--auto_resume", action="store_true",
+                   help="continue the newest run of this --output_dir/--dataset_name/--name if it has a last.pth, "
+                        "else start one (for jobs that are requeued after a preemption or a crash)")
+    g.add_argument("--checkpoint_every", type=non_negative_int, default=0,
+                   help="also write last.pth every N iterations (0: at the end of each epoch only)")
     g.add_argument("--device", default="auto", help="cpu, cuda, cuda:N, or auto (cuda when available)")
     g.add_argument("--precision", default="auto", choices=("auto", *PRECISIONS),
                    help="fp16 = IRRA's half-precision weights (auto on CUDA); amp = fp32 weights + autocast; "
@@ -114,6 +120,9 @@ def _check_general(args: argparse.Namespace) -> None:
         raise UserError(f"--holdout_share must lie in [0, 1), got {args.holdout_share}")
     if args.resume and not args.resume_ckpt_file:
         raise UserError("--resume needs --resume_ckpt_file PATH (e.g. logs/<dataset>/<run>/last.pth)")
+    if args.auto_resume and args.resume:
+        raise UserError("--auto_resume finds the checkpoint itself; drop --resume/--resume_ckpt_file, or "
+                        "--auto_resume")
 
 
 GENERAL = OptionGroup("general", _add_general, _check_general)
