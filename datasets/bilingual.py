@@ -16,8 +16,9 @@ key                     shape / dtype       meaning
 ``mlm_labels_<lang>``   [L] int64           original id where masked, the pad id elsewhere
 ======================  ==================  ========================================================
 
-The default collate stacks them into a batch. Randomness besides torchvision's (the masks) comes from the
-dataset's per-worker stream, as in :class:`datasets.bases.ImageTextDataset`.
+The default collate stacks them into a batch. Every random draw (augmentation, masks) comes from torch's global
+generator, which the training loader seeds per sample (:mod:`datasets.resumable`): an item depends only on the run
+seed, the epoch and its index.
 """
 from __future__ import annotations
 
@@ -25,11 +26,13 @@ import logging
 from collections.abc import Callable, Sequence
 from typing import Optional
 
-import torch
 
-from datasets.bases import ImageTextDataset, MaskingConfig, mask_tokens, read_image, tokenize_captions
+from torch.utils.data import Dataset
+
+from datasets.bases import MaskingConfig, mask_tokens, read_image, tokenize_captions
 from datasets.image_masking import blockwise_mask
 from datasets.multilingual import MultilingualSample
+from datasets.resumable import item_generator
 from utils.errors import UserError
 from utils.tokenizers import Tokenizer
 
@@ -55,7 +58,7 @@ def batch_keys(languages: Sequence[str]) -> tuple[str, ...]:
     return (IMAGES, IMAGE_MASK, PIDS, *(keyed(name, lang) for lang in languages for name in LANGUAGE_ENTRIES))
 
 
-class BilingualImageTextDataset(ImageTextDataset):
+class BilingualImageTextDataset(Dataset):
     """One item per training caption index: the image, its caption in each of ``languages``, MLM corruption of
     each caption, and a blockwise mask over the image's patch grid.
 
@@ -68,14 +71,12 @@ class BilingualImageTextDataset(ImageTextDataset):
         masking: MLM settings (rate, cap, the tokenizer's ids).
         mask_grid: ``(rows, columns)`` of image patches the mask covers.
         mask_ratio: share of patches masked.
-        seed: seed of the random stream when items are read in the main process.
         cache_dir: where the tokenised captions are cached (see :func:`datasets.bases.tokenize_captions`).
     """
 
     def __init__(self, samples: Sequence[MultilingualSample], languages: Sequence[str],
                  transform: Optional[Callable], tokenizer: Tokenizer, text_length: int, masking: MaskingConfig,
-                 mask_grid: tuple[int, int], mask_ratio: float, seed: int = 0,
-                 cache_dir: Optional[str] = None) -> None:
+                 mask_grid: tuple[int, int], mask_ratio: float, cache_dir: Optional[str] = None) -> None:
         self.samples = list(samples)
         self.languages = tuple(languages)
         missing = sorted({lang for *_, captions in self.samples[:1] for lang in self.languages if lang not in captions})
@@ -88,19 +89,19 @@ class BilingualImageTextDataset(ImageTextDataset):
         self.mask_grid = tuple(mask_grid)
         self.mask_ratio = float(mask_ratio)
         self.pad_id = tokenizer.specials.pad
-        self.seed = seed
         self.caption_ids = {lang: tokenize_captions([s[3][lang] for s in self.samples], tokenizer, text_length,
                                                     cache_dir=cache_dir)
                             for lang in self.languages}
-        self._rng: Optional[torch.Generator] = None
-        self._rng_owner: Optional[tuple] = None
+
+    def __len__(self) -> int:
+        return len(self.samples)
 
     def __getitem__(self, index: int) -> dict:
         pid, image_id, img_path, _ = self.samples[index]
         img = read_image(img_path)
         if self.transform is not None:
             img = self.transform(img)
-        generator = self._generator()
+        generator = item_generator()
         item = {PIDS: pid, "image_ids": image_id, IMAGES: img,
                 IMAGE_MASK: blockwise_mask(*self.mask_grid, self.mask_ratio, generator)}
         for lang in self.languages:

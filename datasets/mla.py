@@ -23,9 +23,10 @@ from typing import Any
 
 import torch
 from PIL import Image
-from torch.utils.data import Dataset, get_worker_info
+from torch.utils.data import Dataset
 
 from datasets.bases import TrainSample, read_image
+from datasets.resumable import item_generator
 from datasets.build import Benchmark, single_language_samples
 from datasets.transforms import build_ivt_transforms
 from utils.errors import UserError
@@ -188,38 +189,26 @@ class MultiLevelItem:
 class MultiLevelDataset(Dataset):
     """IVT's training set: one item per caption, built by ``make_item`` (a :class:`MultiLevelItem`).
 
-    Each process and DataLoader worker draws the caption levels from its own ``torch.Generator``: seeded with
-    ``seed`` in the main process, with the worker's seed in a worker (which the DataLoader derives from its own
-    seeded generator), so a run is reproducible from its seed.
+    The caption levels are drawn from a generator seeded from torch's global generator
+    (:func:`datasets.resumable.item_generator`), which the training loader seeds per sample: an item depends
+    only on the run seed, the epoch and its index, so a resumed run reads the same items.
 
     Args:
         samples: ``(pid, image_id, img_path, caption)`` tuples (``build_dataset(...).train``).
         make_item: ``(image, caption, pid, image_id, generator) -> dict``.
-        seed: seed of the main process's generator.
     """
 
-    def __init__(self, samples: Sequence[TrainSample], make_item: Callable[..., dict], seed: int = 0) -> None:
+    def __init__(self, samples: Sequence[TrainSample], make_item: Callable[..., dict]) -> None:
         self.samples = list(samples)
         self.pids = [sample[0] for sample in self.samples]
         self.make_item = make_item
-        self.seed = seed
-        self._rng: torch.Generator | None = None
-        self._owner: tuple | None = None
 
     def __len__(self) -> int:
         return len(self.samples)
 
-    def _generator(self) -> torch.Generator:
-        info = get_worker_info()
-        owner = (os.getpid(), None if info is None else (info.id, info.seed))
-        if self._rng is None or self._owner != owner:
-            self._rng = torch.Generator().manual_seed(self.seed if info is None else info.seed)
-            self._owner = owner
-        return self._rng
-
     def __getitem__(self, index: int) -> dict:
         pid, image_id, path, caption = self.samples[index]
-        return self.make_item(read_image(path), caption, pid, image_id, self._generator())
+        return self.make_item(read_image(path), caption, pid, image_id, item_generator())
 
 
 def build_mla_item(args, tokenizer: Tokenizer) -> MultiLevelItem:
@@ -232,7 +221,7 @@ def build_mla_item(args, tokenizer: Tokenizer) -> MultiLevelItem:
 def build_ivt_train_set(args, dataset: Benchmark, tokenizer: Tokenizer, seed: int) -> MultiLevelDataset:
     """IVT's training pipeline (the registry's ``build_train_set``): :class:`MultiLevelDataset` of
     :func:`build_mla_item` over the training samples of ``dataset`` (its first language when multilingual)."""
-    return MultiLevelDataset(single_language_samples(dataset), build_mla_item(args, tokenizer), seed)
+    return MultiLevelDataset(single_language_samples(dataset), build_mla_item(args, tokenizer))
 
 
 def build_ivt_test_transform(args):

@@ -124,3 +124,12 @@ class EpochSampler(Sampler[SampleKey]):
 def worker_init(worker_id: int) -> None:
     """``worker_init_fn`` of every loader: workers leave the stop signals to the main process."""
     ignore_stop_signals()
+
+
+def item_generator() -> torch.Generator:
+    """A ``torch.Generator`` for the random draws of one training item, seeded from torch's global generator.
+
+    Read under :class:`SeededSamples` the global generator holds the sample's own seed, so a pipeline that takes
+    an explicit generator (caption levels, image masks) stays a function of ``(seed, epoch, index)`` too.
+    """
+    return torch.Generator().manual_seed(int(torch.randint(0, 2**62, (1,))))

@@ -148,7 +148,7 @@ def build_biirra_train_set(args: argparse.Namespace, dataset, tokenizer: Tokeniz
     return BilingualImageTextDataset(
         dataset.train, biirra_languages(args), build_tbps_transforms(args.img_size, is_train=True), tokenizer,
         args.text_length, masking_from_args(args, tokenizer), (height // PATCH_SIZE, width // PATCH_SIZE),
-        args.biirra_image_mask_ratio, seed=seed, cache_dir=caption_cache_dir(args))
+        args.biirra_image_mask_ratio, cache_dir=caption_cache_dir(args))
 
 
 BIIRRA_METHOD = register_method(Method(
