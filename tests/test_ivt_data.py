@@ -22,6 +22,7 @@ from datasets.mla import (
     read_attribute_file,
 )
 from datasets.pedes import build_dataset
+from datasets.resumable import SampleKey, SeededSamples
 from datasets.synthetic import write_synthetic
 from datasets.transforms import build_ivt_transforms
 from model.ivt import IVTCriterion, add_ivt_arguments, build_ivt_model, build_ivt_tokenizer, check_ivt_arguments
@@ -201,7 +202,9 @@ def test_training_set_batches_feed_the_model(synthetic_root):
     tokenizer = build_ivt_tokenizer(args, [sample[3] for sample in samples])
     train_set = build_ivt_train_set(args, dataset, tokenizer, seed=3)
     assert isinstance(train_set, MultiLevelDataset) and len(train_set) == len(samples)
-    assert torch.equal(train_set[5]["caption_ids"], build_ivt_train_set(args, dataset, tokenizer, 3)[5]["caption_ids"])
+    # Items are drawn from the stream the training loader seeds per sample: the same key, the same item.
+    seeded = SeededSamples(train_set, seed=3)
+    assert torch.equal(seeded[SampleKey(1, 5)]["caption_ids"], seeded[SampleKey(1, 5)]["caption_ids"])
     batch = next(iter(torch.utils.data.DataLoader(train_set, batch_size=4)))
     assert batch["images"].shape == (4, 3, 3, 32, 16) and batch["caption_ids"].shape == (4, 3, 16)
     model = build_ivt_model(args, 0, None, tokenizer)
