@@ -24,7 +24,8 @@ from collections.abc import Sequence
 
 from prettytable import PrettyTable
 
-from processor.gallery import Hit, encode_captions, hits_at, load_gallery, load_split, rank_gallery
+from processor.gallery import (Hit, encode_captions, hits_at, load_gallery, load_split, query_language, rank_gallery,
+                               rerank_order)
 from processor.run_loading import add_run_arguments, load_run_model, open_run_from_cli
 from processor.visualization import Tile, TileGroup, check_picture_path, draw_ranking, quote, score_label
 from utils.entry import run_main
@@ -55,6 +56,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--out", default="", help="PNG to write (default RUN_DIR/search/<query slug>-<hash>.png); with several queries "
                                              "_1, _2, … are added before .png")
     p.add_argument("--rebuild_cache", action="store_true", help="encode the gallery even if its cache is current")
+    p.add_argument("--language", default="", help="query language of a multilingual run (default: its target "
+                                                  "language for queries with Chinese characters, else its source)")
+    p.add_argument("--rerank_topk", type=int, default=-1,
+                   help="two-stage methods (Bi-IRRA): images re-scored per query (0 = cosine only; default: the run's)")
     cli = p.parse_args(argv)
     cli.queries = [q.strip() for q in cli.query]
     if cli.queries_file:
@@ -74,10 +79,21 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     return cli
 
 
-def search(model, run, gallery, queries: Sequence[str], topk: int) -> list[list[Hit]]:
-    """The ``topk`` best gallery images for each query (fewer when the gallery is smaller), best first."""
-    scores, order = rank_gallery(encode_captions(model, run, queries), gallery.feats)
-    return [hits_at(gallery, row_scores, row_order, range(1, topk + 1)) for row_scores, row_order in zip(scores, order)]
+def search(model, run, gallery, queries: Sequence[str], topk: int, language: str = "",
+           rerank_topk: int = 0) -> list[list[Hit]]:
+    """The ``topk`` best gallery images for each query (fewer when the gallery is smaller), best first.
+
+    ``language``: the query language of a multilingual run. ``rerank_topk``: a two-stage method re-scores each
+    query's first ``rerank_topk`` images (its re-ranking score replaces the cosine for them)."""
+    scores, order = rank_gallery(encode_captions(model, run, queries, language), gallery.feats)
+    results = []
+    for query, row_scores, row_order in zip(queries, scores, order):
+        if rerank_topk:
+            row_order, new_scores = rerank_order(model, run, gallery, query, row_order, rerank_topk, language)
+            row_scores = row_scores.clone()
+            row_scores[row_order[:len(new_scores)]] = new_scores
+        results.append(hits_at(gallery, row_scores, row_order, range(1, topk + 1)))
+    return results
 
 
 def query_slug(query: str, limit: int = 40) -> str:
@@ -114,9 +130,11 @@ def hit_groups(hits: Sequence[Hit]) -> list:
     return [TileGroup(f"Top {len(hits)}, best first", tiles)]
 
 
-def describe(num_hits: int, num_images: int, split: str, run_dir: str, checkpoint: str) -> str:
+def describe(num_hits: int, num_images: int, split: str, run_dir: str, checkpoint: str, rerank_topk: int = 0) -> str:
     """The picture's subtitle: what was searched, with which weights."""
-    return (f"top {num_hits} of {num_images} {split} images by cosine similarity \u2014 run "
+    how = (f"cosine similarity, the first {rerank_topk} re-scored by the matching head" if rerank_topk
+           else "cosine similarity")
+    return (f"top {num_hits} of {num_images} {split} images by {how} \u2014 run "
             f"{os.path.basename(run_dir)}, {os.path.basename(checkpoint)}")
 
 
@@ -124,14 +142,19 @@ def run(cli: argparse.Namespace) -> list[list[Hit]]:
     """Search every query of ``cli``; returns the hits of each query (pictures written, tables printed)."""
     handle = open_run_from_cli(cli)
     setup_logger("IRRA", save_dir=None)
-    data = load_split(handle.args, cli.split)
+    language = query_language(handle.args, cli.language, cli.queries)
+    data = load_split(handle.args, cli.split, language)
     model = load_run_model(handle)
     gallery = load_gallery(model, handle, cli.split, data, rebuild=cli.rebuild_cache)
-    results = search(model, handle, gallery, cli.queries, cli.topk)
+    depth = 0
+    if handle.method.evaluation is not None:
+        depth = cli.rerank_topk if cli.rerank_topk >= 0 else int(getattr(handle.args, "rerank_topk", 0) or 0)
+    results = search(model, handle, gallery, cli.queries, cli.topk, language, depth)
     outs = picture_paths(cli.out, cli.queries, handle.run_dir)
     for number, (query, hits, out) in enumerate(zip(cli.queries, results, outs), start=1):
         draw_ranking(out, quote(query), hit_groups(hits),
-                     subtitle=describe(len(hits), len(gallery.paths), cli.split, handle.run_dir, handle.checkpoint))
+                     subtitle=describe(len(hits), len(gallery.paths), cli.split, handle.run_dir, handle.checkpoint,
+                                       depth))
         print(f"\nQuery {number}: {query}\n{format_hits(hits)}\npicture: {out}")
     return results
 

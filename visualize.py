@@ -23,7 +23,8 @@ from dataclasses import dataclass
 import torch
 from prettytable import PrettyTable
 
-from processor.gallery import Hit, encode_captions, hits_at, load_gallery, load_split, rank_gallery
+from processor.gallery import (Hit, encode_captions, hits_at, load_gallery, load_split, query_language, rank_gallery,
+                               rerank_order)
 from processor.run_loading import add_run_arguments, load_run_model, open_run_from_cli
 from processor.visualization import (OTHER_COLOUR, SAME_COLOUR, Tile, TileGroup, draw_ranking, quote,
                                      score_label)
@@ -49,6 +50,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                    help="at most this many correct images ranked below the top k are shown")
     p.add_argument("--out", default="", help="folder for the pictures (default RUN_DIR/visualize)")
     p.add_argument("--rebuild_cache", action="store_true", help="encode the gallery even if its cache is current")
+    p.add_argument("--language", default="", help="caption language of a multilingual run (default: its source)")
     cli = p.parse_args(argv)
     if cli.num_queries < 1:
         raise UserError(f"--num_queries must be at least 1, got {cli.num_queries}")
@@ -98,13 +100,17 @@ class CaptionResult:
 
 
 def analyse(model, run, gallery, data: dict[str, list], indices: Sequence[int], topk: int,
-            max_lower: int) -> list[CaptionResult]:
-    """Rank the gallery for the captions at ``indices`` of the split ``data``."""
+            max_lower: int, language: str = "", rerank_topk: int = 0) -> list[CaptionResult]:
+    """Rank the gallery for the captions at ``indices`` of the split ``data`` (in ``language``; a two-stage
+    method re-scores each caption's first ``rerank_topk`` images, as its evaluation does)."""
     captions = [data["captions"][i] for i in indices]
-    scores, order = rank_gallery(encode_captions(model, run, captions), gallery.feats)
+    scores, order = rank_gallery(encode_captions(model, run, captions, language), gallery.feats)
     g_pids = torch.as_tensor(gallery.pids)
     results = []
     for row, (index, caption) in enumerate(zip(indices, captions)):
+        if rerank_topk:
+            order[row], new_scores = rerank_order(model, run, gallery, caption, order[row], rerank_topk, language)
+            scores[row, order[row][:len(new_scores)]] = new_scores
         pid = int(data["caption_pids"][index])
         ranks = ((g_pids[order[row]] == pid).nonzero().flatten() + 1).tolist()
         ap = sum(m / r for m, r in enumerate(ranks, start=1)) / len(ranks) * 100 if ranks else float("nan")
@@ -159,11 +165,13 @@ def run(cli: argparse.Namespace) -> list[CaptionResult]:
     """Analyse and draw the chosen captions; returns their results (pictures written, summary printed)."""
     handle = open_run_from_cli(cli)
     setup_logger("IRRA", save_dir=None)
-    data = load_split(handle.args, cli.split)
+    language = query_language(handle.args, cli.language)
+    data = load_split(handle.args, cli.split, language)
     indices = choose_captions(len(data["captions"]), cli.query_index, cli.num_queries, cli.seed)
     model = load_run_model(handle)
     gallery = load_gallery(model, handle, cli.split, data, rebuild=cli.rebuild_cache)
-    results = analyse(model, handle, gallery, data, indices, cli.topk, cli.max_lower)
+    depth = int(getattr(handle.args, "rerank_topk", 0) or 0) if handle.method.evaluation is not None else 0
+    results = analyse(model, handle, gallery, data, indices, cli.topk, cli.max_lower, language, depth)
     out_dir = cli.out or os.path.join(handle.run_dir, "visualize")
     pictures = []
     for result in results:

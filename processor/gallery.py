@@ -20,6 +20,7 @@ gallery index (a stable sort), ranks counted from 1.
 """
 from __future__ import annotations
 
+import argparse
 import hashlib
 import logging
 import os
@@ -31,9 +32,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from datasets import ImageDataset, build_dataset, tokenize_captions
+from datasets import ImageDataset, load_benchmark, tokenize_captions
 from datasets.build import make_loader
+from datasets.multilingual import language_split
 from processor.run_loading import RunHandle
+from processor.visualization import is_full_width
 from utils.errors import UserError
 
 logger = logging.getLogger(__name__)
@@ -60,20 +63,60 @@ class Gallery:
     from_cache: bool
 
 
-def load_split(args, split: str) -> dict[str, list]:
-    """The ``image_pids``, ``img_paths``, ``caption_pids`` and ``captions`` of the run's ``split``.
+def run_languages(args) -> tuple[str, ...]:
+    """The caption languages of a run (empty for a single-language benchmark)."""
+    return tuple(code for code in str(getattr(args, "languages", "") or "").split(",") if code)
+
+
+def query_language(args, requested: str, texts: Sequence[str] = ()) -> str:
+    """The language to encode queries in: ``requested``, else the run's target language for text with Chinese
+    characters, else its first (source) language; '' for a single-language run.
+
+    Raises:
+        UserError: ``requested`` is not one of the run's languages.
+    """
+    languages = run_languages(args)
+    if requested:
+        if requested not in languages:
+            raise UserError(f"--language {requested}: the run knows {', '.join(languages) or 'one language only'}")
+        return requested
+    if len(languages) > 1 and "ch" in languages and any(is_full_width(c) for text in texts for c in text):
+        return "ch"
+    return languages[0] if languages else ""
+
+
+def load_split(args, split: str, language: str = "") -> dict[str, list]:
+    """The ``image_pids``, ``img_paths``, ``caption_pids`` and ``captions`` of the run's ``split`` (the captions of
+    ``language`` for a multilingual run, its first language by default).
 
     Raises:
         UserError: unknown split, a dataset without that split, or the dataset cannot be read.
     """
     if split not in SPLITS:
         raise UserError(f"--split must be one of {', '.join(SPLITS)}, got {split!r}")
-    dataset = build_dataset(args.dataset_name, args.root_dir, verbose=False)
+    test_args = argparse.Namespace(**{**vars(args), "training": False})
+    dataset = load_benchmark(test_args, verbose=False)
     data = dataset.val if split == "val" else dataset.test
     if data is None or not data["img_paths"]:
         raise UserError(f"{args.dataset_name} under {args.root_dir} has no '{split}' images; "
                         f"use --split {'test' if split == 'val' else 'val'}")
+    if "captions_by_lang" in data:
+        data = language_split(data, language or dataset.languages[0])
     return data
+
+
+def retrieval_view(model: nn.Module, run: RunHandle, language: str = ""):
+    """What encodes for retrieval: the method's evaluation wrapper (for ``language``, when it has one per
+    language), or the model itself."""
+    if run.method.evaluation is None:
+        return model
+    view = run.method.evaluation(model, run.args)
+    return view.for_query_set(language) if language and hasattr(view, "for_query_set") else view
+
+
+def _encoder(view, what: str):
+    """``view.encode_images``/``encode_texts`` (retrieval objects) or ``encode_image``/``encode_text`` (models)."""
+    return getattr(view, f"encode_{what}s", None) or getattr(view, f"encode_{what}")
 
 
 def _gallery_digest(pids: Sequence[int], paths: Sequence[str]) -> str:
@@ -148,8 +191,10 @@ def _write_cache(path: str, key: dict[str, Any], feats: torch.Tensor) -> None:
             os.remove(tmp)
 
 
-def encode_images(model: nn.Module, run: RunHandle, paths: Sequence[str]) -> torch.Tensor:
-    """``[G, D]`` float32 L2-normalised embeddings of the image files, on the CPU (the test transform)."""
+def encode_images(model: nn.Module, run: RunHandle, paths: Sequence[str], view=None) -> torch.Tensor:
+    """``[G, D]`` float32 L2-normalised embeddings of the image files, on the CPU (the test transform), encoded by
+    ``view`` (default :func:`retrieval_view`)."""
+    encode = _encoder(view if view is not None else retrieval_view(model, run), "image")
     dataset = ImageDataset([0] * len(paths), paths, run.test_transform())
     loader = make_loader(dataset, run.args.test_batch_size, run.args.num_workers,
                          pin_memory=run.device.type == "cuda", seed=0)
@@ -157,15 +202,18 @@ def encode_images(model: nn.Module, run: RunHandle, paths: Sequence[str]) -> tor
     with torch.inference_mode():
         for _, images in loader:
             with run.precision.autocast():
-                feats.append(model.encode_image(images.to(run.device)).float())
+                feats.append(encode(images.to(run.device)).float())
     return F.normalize(torch.cat(feats), dim=1).cpu()
 
 
-def encode_captions(model: nn.Module, run: RunHandle, captions: Sequence[str]) -> torch.Tensor:
-    """``[Q, D]`` float32 L2-normalised embeddings of the captions, on the CPU.
+def encode_captions(model: nn.Module, run: RunHandle, captions: Sequence[str], language: str = "",
+                    view=None) -> torch.Tensor:
+    """``[Q, D]`` float32 L2-normalised embeddings of the captions in ``language`` (a multilingual run's query
+    language), on the CPU, encoded by ``view`` (default :func:`retrieval_view`).
 
     Captions longer than the run's ``text_length`` are cut (as in training) with a warning.
     """
+    encode = _encoder(view if view is not None else retrieval_view(model, run, language), "text")
     tokenizer = run.tokenizer()
     length = run.args.text_length
     for caption in captions:
@@ -179,7 +227,7 @@ def encode_captions(model: nn.Module, run: RunHandle, captions: Sequence[str]) -
         for start in range(0, len(captions), run.args.test_batch_size):
             with run.precision.autocast():
                 batch = ids[start:start + run.args.test_batch_size].to(run.device)
-                feats.append(model.encode_text(batch).float())
+                feats.append(encode(batch).float())
     return F.normalize(torch.cat(feats), dim=1).cpu()
 
 
@@ -234,6 +282,21 @@ def hits_at(gallery: Gallery, scores: torch.Tensor, order: torch.Tensor, ranks: 
         index = int(order[rank - 1])
         hits.append(Hit(rank, float(scores[index]), gallery.pids[index], gallery.paths[index], index))
     return hits
+
+
+def rerank_order(model: nn.Module, run: RunHandle, gallery: Gallery, caption: str, order: torch.Tensor, depth: int,
+                 language: str = "") -> tuple[torch.Tensor, torch.Tensor]:
+    """A two-stage method's final ranking of one query: its first ``depth`` images (of the first-stage ``order``
+    ``[G]``) re-scored by the method's ``rerank`` (Bi-IRRA: the ITM head), best first, then the rest in their
+    first-stage order. Returns ``(order [G], scores [depth] of the re-scored images in their new order)``."""
+    view = retrieval_view(model, run, language)
+    top = order[:depth]
+    encode_images(model, run, [gallery.paths[int(i)] for i in top], view=view)  # the view keeps their tokens
+    encode_captions(model, run, [caption], language, view=view)
+    with torch.inference_mode(), run.precision.autocast():
+        scores = view.rerank(torch.zeros(1, dtype=torch.long), torch.arange(len(top))[None]).float()[0].cpu()
+    new = torch.sort(scores, descending=True, stable=True)
+    return torch.cat([top[new.indices], order[depth:]]), new.values
 
 
 def rank_gallery(query_feats: torch.Tensor, gallery_feats: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -12,6 +12,7 @@ import logging
 import os
 import textwrap
 import unicodedata
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -70,7 +71,7 @@ def _text_width(text: str, points: float) -> float:
     return len(text) * points * _CHAR_WIDTH / 72
 
 
-def _is_wide(char: str) -> bool:
+def is_full_width(char: str) -> bool:
     """Full-width characters (Chinese, Japanese, Korean) take about twice the width of an average Latin letter."""
     return unicodedata.east_asian_width(char) in ("W", "F")
 
@@ -80,7 +81,7 @@ def _wrap_wide(paragraph: str, units: int) -> list[str]:
     break at, so any character may end a line."""
     lines, line, used = [], "", 0
     for char in paragraph:
-        cost = 2 if _is_wide(char) else 1
+        cost = 2 if is_full_width(char) else 1
         if used + cost > units and line:
             lines.append(line.rstrip())
             line, used = ("" if char == " " else char), (0 if char == " " else cost)
@@ -94,7 +95,7 @@ def _wrap(text: str, width_in: float, points: float, char_width: float = _CHAR_W
     chars = max(20, int(width_in * 72 / (points * char_width)))
     lines: list[str] = []
     for paragraph in text.split("\n"):
-        if any(_is_wide(char) for char in paragraph):
+        if any(is_full_width(char) for char in paragraph):
             lines.extend(_wrap_wide(paragraph, chars))
         else:
             lines.extend(textwrap.wrap(paragraph, chars, break_long_words=True) or [""])
@@ -173,7 +174,7 @@ def draw_ranking(out_path: str, title: str, groups: Sequence[TileGroup], subtitl
     groups = [g for g in groups if g.tiles]
     texts = [title, subtitle] + [g.heading for g in groups] + [t.label for g in groups for t in g.tiles]
     # Chinese text needs a CJK font (one warning naming the package to install when there is none).
-    font = {"fontfamily": cjk_font_family()} if any(_is_wide(c) for text in texts for c in text) else {}
+    font = {"fontfamily": cjk_font_family()} if any(is_full_width(c) for text in texts for c in text) else {}
     layout = _layout(title, subtitle, groups)
     size = ranking_size(title, groups, subtitle)
     w, h = size[0] / DPI, size[1] / DPI
@@ -205,7 +206,9 @@ def draw_ranking(out_path: str, title: str, groups: Sequence[TileGroup], subtitl
 
     folder = os.path.dirname(os.path.abspath(out_path))
     os.makedirs(folder, exist_ok=True)
-    fig.savefig(out_path, dpi=DPI, format="png", facecolor="white")
+    with warnings.catch_warnings():  # without a CJK font cjk_font_family already said what to install, once
+        warnings.filterwarnings("ignore", message="Glyph .* missing from font")
+        fig.savefig(out_path, dpi=DPI, format="png", facecolor="white")
     logger.info("Wrote %s (%d x %d pixels)", out_path, *size)
     return size
 

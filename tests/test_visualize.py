@@ -143,7 +143,7 @@ def test_chinese_text_wraps_by_width_and_asks_for_a_cjk_font(tmp_path, caplog, m
     text = "穿红色外套、背着黑色双肩包的年轻女子走在路上" * 3
     lines = visualization._wrap(text, 3.0, 14)  # 3 inches at 14 pt: about 29 narrow units, 14 Chinese characters
     assert "".join(lines) == text and len(lines) > 2
-    assert all(sum(2 if visualization._is_wide(c) else 1 for c in line) <= 29 for line in lines)
+    assert all(sum(2 if visualization.is_full_width(c) else 1 for c in line) <= 29 for line in lines)
     assert visualization._wrap("a man in a blue coat", 3.0, 14) == ["a man in a blue coat"]
     image = tmp_path / "person.png"
     from PIL import Image

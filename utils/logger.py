@@ -51,8 +51,9 @@ def setup_logger(name: str = "IRRA", save_dir: str | None = None, if_train: bool
         attach_log_file(save_dir, log_file or ("train_log.txt" if if_train else "test_log.txt"),
                         mode="w" if if_train else "a")
     # Third-party chatter that would drown the training log.
-    for noisy in ("PIL", "matplotlib", "urllib3"):
+    for noisy in ("PIL", "matplotlib", "urllib3"):  # third-party chatter that would drown the training log
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    logging.getLogger("matplotlib.font_manager").setLevel(logging.ERROR)  # no bold CJK face: regular is used
     return logging.getLogger(name)
 
 
