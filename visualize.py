@@ -20,10 +20,17 @@ import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import torch
+from prettytable import PrettyTable
+
+from processor.gallery import (Hit, encode_captions, hits_at, load_gallery, load_split, query_language, rank_gallery,
+                               rerank_order)
+from processor.run_loading import add_run_arguments, load_run_model, open_run_from_cli
+from processor.visualization import (OTHER_COLOUR, SAME_COLOUR, Tile, TileGroup, draw_ranking, quote,
+                                     score_label)
 from utils.entry import run_main
 from utils.errors import UserError
-from utils.gallery import Hit
-from utils.run_loading import add_run_arguments
+from utils.logger import setup_logger
 
 logger = logging.getLogger(__name__)
 
@@ -43,6 +50,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                    help="at most this many correct images ranked below the top k are shown")
     p.add_argument("--out", default="", help="folder for the pictures (default RUN_DIR/visualize)")
     p.add_argument("--rebuild_cache", action="store_true", help="encode the gallery even if its cache is current")
+    p.add_argument("--language", default="", help="caption language of a multilingual run (default: its source)")
     cli = p.parse_args(argv)
     if cli.num_queries < 1:
         raise UserError(f"--num_queries must be at least 1, got {cli.num_queries}")
@@ -92,17 +100,17 @@ class CaptionResult:
 
 
 def analyse(model, run, gallery, data: dict[str, list], indices: Sequence[int], topk: int,
-            max_lower: int) -> list[CaptionResult]:
-    """Rank the gallery for the captions at ``indices`` of the split ``data``."""
-    import torch
-
-    from utils.gallery import encode_captions, hits_at, rank_gallery
-
+            max_lower: int, language: str = "", rerank_topk: int = 0) -> list[CaptionResult]:
+    """Rank the gallery for the captions at ``indices`` of the split ``data`` (in ``language``; a two-stage
+    method re-scores each caption's first ``rerank_topk`` images, as its evaluation does)."""
     captions = [data["captions"][i] for i in indices]
-    scores, order = rank_gallery(encode_captions(model, run, captions), gallery.feats)
+    scores, order = rank_gallery(encode_captions(model, run, captions, language), gallery.feats)
     g_pids = torch.as_tensor(gallery.pids)
     results = []
     for row, (index, caption) in enumerate(zip(indices, captions)):
+        if rerank_topk:
+            order[row], new_scores = rerank_order(model, run, gallery, caption, order[row], rerank_topk, language)
+            scores[row, order[row][:len(new_scores)]] = new_scores
         pid = int(data["caption_pids"][index])
         ranks = ((g_pids[order[row]] == pid).nonzero().flatten() + 1).tolist()
         ap = sum(m / r for m, r in enumerate(ranks, start=1)) / len(ranks) * 100 if ranks else float("nan")
@@ -129,8 +137,6 @@ def describe(result: CaptionResult, split: str, num_captions: int, num_images: i
 
 def result_groups(result: CaptionResult) -> list:
     """The picture's tile groups: the top images, then the caption's person ranked lower (if any)."""
-    from utils.visualization import OTHER_COLOUR, SAME_COLOUR, Tile, TileGroup, score_label
-
     def tile(hit: Hit) -> Tile:
         same = hit.pid == result.pid
         return Tile(hit.path, score_label(hit.rank, hit.score, hit.pid, "\u2713" if same else "\u2717"),
@@ -147,8 +153,6 @@ def result_groups(result: CaptionResult) -> list:
 
 
 def format_summary(results: Sequence[CaptionResult], pictures: Sequence[str]) -> str:
-    from prettytable import PrettyTable
-
     table = PrettyTable(["caption", "id", "first correct rank", "AP %", "picture"])
     table.align["picture"] = "l"
     for result, picture in zip(results, pictures):
@@ -159,18 +163,15 @@ def format_summary(results: Sequence[CaptionResult], pictures: Sequence[str]) ->
 
 def run(cli: argparse.Namespace) -> list[CaptionResult]:
     """Analyse and draw the chosen captions; returns their results (pictures written, summary printed)."""
-    from utils.gallery import load_gallery, load_split
-    from utils.logger import setup_logger
-    from utils.run_loading import load_run_model, open_run_from_cli
-    from utils.visualization import draw_ranking, quote
-
     handle = open_run_from_cli(cli)
     setup_logger("IRRA", save_dir=None)
-    data = load_split(handle.args, cli.split)
+    language = query_language(handle.args, cli.language)
+    data = load_split(handle.args, cli.split, language)
     indices = choose_captions(len(data["captions"]), cli.query_index, cli.num_queries, cli.seed)
     model = load_run_model(handle)
     gallery = load_gallery(model, handle, cli.split, data, rebuild=cli.rebuild_cache)
-    results = analyse(model, handle, gallery, data, indices, cli.topk, cli.max_lower)
+    depth = int(getattr(handle.args, "rerank_topk", 0) or 0) if handle.method.evaluation is not None else 0
+    results = analyse(model, handle, gallery, data, indices, cli.topk, cli.max_lower, language, depth)
     out_dir = cli.out or os.path.join(handle.run_dir, "visualize")
     pictures = []
     for result in results:

@@ -13,7 +13,7 @@ from datasets.bases import (
     tokenize,
     tokenize_captions,
 )
-from datasets.build import build_dataloader
+from datasets.build import DataLoaders, build_dataloader, check_images, load_benchmark, training_captions
 from datasets.pedes import DATASETS, PedesDataset, PedesSpec, build_dataset
 from datasets.sampler import RandomIdentitySampler, ShardedRandomSampler
 from datasets.transforms import CLIP_MEAN, CLIP_STD, build_transforms
@@ -22,6 +22,7 @@ __all__ = [
     "CLIP_MEAN",
     "CLIP_STD",
     "DATASETS",
+    "DataLoaders",
     "ImageDataset",
     "ImageTextDataset",
     "MaskingConfig",
@@ -31,6 +32,9 @@ __all__ = [
     "ShardedRandomSampler",
     "TextDataset",
     "build_dataloader",
+    "check_images",
+    "load_benchmark",
+    "training_captions",
     "build_dataset",
     "build_transforms",
     "mask_tokens",

@@ -2,24 +2,20 @@
 
 * :func:`read_image` opens one image as RGB, or raises :class:`UserError` naming the file.
 * :func:`tokenize` / :func:`tokenize_captions` turn captions into ``LongTensor[text_length]`` rows
-  (``<|startoftext|>`` + ids + ``<|endoftext|>``, zero padded).
-* :class:`MaskingConfig` and :func:`mask_tokens` implement IRRA's MLM corruption, with the
-  ``masked_token_rate`` / ``masked_token_unchanged_rate`` knobs actually doing what they say.
+  (start + ids + end, padded) with any :class:`~utils.tokenizers.Tokenizer` (IRRA's CLIP BPE by default).
+* :class:`MaskingConfig` and :func:`mask_tokens` implement IRRA's MLM corruption for any tokenizer's special
+  ids, with the ``masked_token_rate`` / ``masked_token_unchanged_rate`` knobs actually doing what they say.
 * :class:`ImageDataset`, :class:`TextDataset`, :class:`ImageTextDataset` are the map-style datasets
   the loaders wrap. Captions are tokenised once, when a dataset is built, never per item.
 
-Randomness of the masking (see :meth:`ImageTextDataset._generator`): every process that reads items
-owns one ``torch.Generator``. In a DataLoader worker it is seeded with ``worker_info.seed``, which the
-DataLoader sets to ``base_seed + worker_id`` where ``base_seed`` is drawn from the loader's own seeded
-generator each time an iterator starts; so workers draw different streams, a fresh (non-persistent)
-set of workers draws new streams every epoch, persistent workers simply continue theirs, and the whole
-run is reproducible from the loader generator's seed. In the main process (``num_workers=0``) the
-generator is seeded with the dataset's ``seed`` argument. A generator is tied to the process and
-worker that created it, so a dataset pickled into workers after being used in the parent never
-replays the parent's stream.
+Randomness: the MLM masking draws from torch's global generator, like the image transforms. The training
+loader makes that stream a function of ``(seed, epoch, index)`` for every item (:mod:`datasets.resumable`), so
+a sample is masked and augmented the same whichever process or worker reads it, and a resumed run reads what
+the uninterrupted run would have read.
 """
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 from dataclasses import dataclass
@@ -27,12 +23,15 @@ from typing import Callable, Optional, Sequence
 
 import torch
 from PIL import Image, UnidentifiedImageError
-from torch.utils.data import Dataset, get_worker_info
+from torch.utils.data import Dataset
 
 from utils.errors import UserError
+from utils.simple_tokenizer import SimpleTokenizer
+from utils.tokenizers import ClipBpeTokenizer, Tokenizer, encode_caption
 
 logger = logging.getLogger(__name__)
 
+# CLIP's special ids as IRRA uses them (see utils.tokenizers.ClipBpeTokenizer).
 MASK_TOKEN_ID = 49405
 SOT_TOKEN_ID = 49406
 EOT_TOKEN_ID = 49407
@@ -63,73 +62,128 @@ def read_image(path: str | os.PathLike) -> Image.Image:
         ) from err
 
 
-def _load_default_tokenizer():
-    from utils.simple_tokenizer import SimpleTokenizer
-
-    return SimpleTokenizer()
+def _as_tokenizer(tokenizer) -> Tokenizer:
+    """A :class:`~utils.tokenizers.Tokenizer`: ``None`` gives IRRA's CLIP BPE, a bare SimpleTokenizer is wrapped."""
+    if tokenizer is None:
+        return ClipBpeTokenizer()
+    if isinstance(tokenizer, SimpleTokenizer):
+        return ClipBpeTokenizer(bpe=tokenizer)
+    return tokenizer
 
 
 def tokenize(caption: str, tokenizer, text_length: int = 77, truncate: bool = True) -> torch.Tensor:
-    """Encode one caption as ``LongTensor[text_length]``: sot, BPE ids, eot, then zeros.
+    """Encode one caption as ``LongTensor[text_length]``: start, ids, end, then padding (0 for CLIP).
 
-    A caption longer than ``text_length`` tokens (sot and eot included) is cut to ``text_length``
-    with eot as its last token when ``truncate`` is true.
+    A caption longer than ``text_length`` tokens (start and end included) is cut to ``text_length`` with the
+    end token last when ``truncate`` is true. ``tokenizer``: a :class:`~utils.tokenizers.Tokenizer` (or IRRA's
+    SimpleTokenizer).
 
     Raises:
         UserError: the caption is too long and ``truncate`` is false, or ``text_length < 2``.
     """
-    if text_length < 2:
-        raise UserError(f"text_length must be at least 2 (start and end tokens), got {text_length}; fix --text_length.")
-    sot = tokenizer.encoder["<|startoftext|>"]
-    eot = tokenizer.encoder["<|endoftext|>"]
-    tokens = [sot, *tokenizer.encode(caption), eot]
-    if len(tokens) > text_length:
-        if not truncate:
-            raise UserError(
-                f"Caption is {len(tokens)} tokens long (with start/end tokens) but text_length is "
-                f"{text_length}: '{caption[:80]}'. Raise --text_length or allow truncation."
-            )
-        tokens = tokens[:text_length]
-        tokens[-1] = eot
-    result = torch.zeros(text_length, dtype=torch.long)
-    result[: len(tokens)] = torch.tensor(tokens, dtype=torch.long)
-    return result
+    return encode_caption(caption, _as_tokenizer(tokenizer), text_length, truncate)
 
 
 def tokenize_captions(
-    captions: Sequence[str], tokenizer=None, text_length: int = 77, truncate: bool = True
+    captions: Sequence[str], tokenizer=None, text_length: int = 77, truncate: bool = True,
+    cache_dir: Optional[str] = None,
 ) -> torch.Tensor:
     """Tokenise many captions at once; identical captions are encoded only once.
+
+    With ``cache_dir`` the table is kept on disk (:func:`caption_cache_path`): a later call with the same captions,
+    tokenizer and length reads it instead of tokenising (a CUHK-PEDES-sized set takes tens of seconds to
+    tokenise). The file is written atomically; a damaged or foreign file is rebuilt.
 
     Returns:
         ``LongTensor[len(captions), text_length]``.
     """
-    tokenizer = _load_default_tokenizer() if tokenizer is None else tokenizer
+    tokenizer = _as_tokenizer(tokenizer)
+    path = caption_cache_path(cache_dir, captions, tokenizer, text_length, truncate) if cache_dir else None
+    if path is not None:
+        table = _read_caption_cache(path, len(captions), text_length)
+        if table is not None:
+            logger.info("Read %d tokenised captions from the cache %s", len(captions), path)
+            return table
     rows: dict[str, torch.Tensor] = {}
-    out = torch.zeros(len(captions), text_length, dtype=torch.long)
+    out = torch.empty(len(captions), text_length, dtype=torch.long)
     for i, caption in enumerate(captions):
         row = rows.get(caption)
         if row is None:
-            row = rows[caption] = tokenize(caption, tokenizer, text_length, truncate)
+            row = rows[caption] = encode_caption(caption, tokenizer, text_length, truncate)
         out[i] = row
     logger.debug("Tokenised %d captions (%d distinct)", len(captions), len(rows))
+    if path is not None:
+        _write_caption_cache(path, out)
     return out
+
+
+CAPTION_CACHE_VERSION = 1
+
+
+def caption_cache_path(cache_dir: str, captions: Sequence[str], tokenizer: Tokenizer, text_length: int,
+                       truncate: bool = True) -> str:
+    """Where the token table of ``captions`` lives: ``cache_dir/captions/<hash>.pt``, the hash covering the
+    captions themselves (so a changed annotation file, another split or language is another file), the tokenizer's
+    kind, files and caption cleaning (:meth:`~utils.tokenizers.Tokenizer.fingerprint`), the length and truncation."""
+    digest = hashlib.sha256(f"v{CAPTION_CACHE_VERSION}/{tokenizer.name}/{tokenizer.fingerprint()}/"
+                            f"{getattr(getattr(tokenizer, 'clean', None), '__qualname__', '')}/"
+                            f"{text_length}/{truncate}/{len(captions)}\n".encode())
+    for caption in captions:
+        digest.update(caption.encode("utf-8", "surrogatepass"))
+        digest.update(b"\x00")
+    return os.path.join(cache_dir, "captions", f"{digest.hexdigest()[:32]}.pt")
+
+
+def _read_caption_cache(path: str, rows: int, text_length: int) -> Optional[torch.Tensor]:
+    if not os.path.isfile(path):
+        return None
+    try:
+        table = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # whatever torch raises for a damaged file: rebuild it
+        logger.warning("Rebuilding the damaged caption cache %s (%s)", path, type(err).__name__)
+        return None
+    if not isinstance(table, torch.Tensor) or tuple(table.shape) != (rows, text_length) or table.is_floating_point():
+        logger.warning("Rebuilding the caption cache %s: it does not hold a [%d, %d] id table", path, rows, text_length)
+        return None
+    return table.long()
+
+
+def _write_caption_cache(path: str, table: torch.Tensor) -> None:
+    tmp = f"{path}.tmp.{os.getpid()}"
+    try:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        small = table.to(torch.int32)  # ids of every vocabulary here fit; half the size of int64
+        torch.save(small, tmp)
+        os.replace(tmp, path)
+    except OSError as err:
+        logger.warning("Could not write the caption cache %s (%s); captions will be tokenised again next time",
+                       path, err.strerror)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
 
 
 @dataclass(frozen=True)
 class MaskingConfig:
-    """IRRA's MLM corruption (BERT style).
+    """MLM corruption (BERT style, as IRRA does it) for any tokenizer.
 
-    Every token with ``0 < id < mask_token_id`` (not padding, sot, eot or mask) is selected with
+    Every token that is not one of ``special_ids`` (padding, start, end, mask, unknown) is selected with
     probability ``mlm_probability``. A selected token becomes ``mask_token_id`` with probability
-    ``masked_token_rate``, stays unchanged with probability ``masked_token_unchanged_rate``, and
-    otherwise becomes a random id drawn uniformly from ``[1, mask_token_id - 1]``.
+    ``masked_token_rate``, stays unchanged with probability ``masked_token_unchanged_rate``, and otherwise becomes
+    a random id drawn uniformly from ``random_range`` (``[low, high)``). Labels hold the original id at
+    selected positions and ``pad_id`` elsewhere. With ``max_masks`` at most that many positions stay selected
+    per caption (a uniformly drawn subset), as X2-VLM caps its text masking. The defaults are IRRA's CLIP values
+    (no cap); :meth:`for_tokenizer` fills the ids from a tokenizer.
     """
 
     mlm_probability: float = 0.15
     masked_token_rate: float = 0.8
     masked_token_unchanged_rate: float = 0.1
     mask_token_id: int = MASK_TOKEN_ID
+    special_ids: tuple[int, ...] = (0, MASK_TOKEN_ID, SOT_TOKEN_ID, EOT_TOKEN_ID)
+    random_range: tuple[int, int] = (1, MASK_TOKEN_ID)
+    pad_id: int = 0
+    max_masks: Optional[int] = None
 
     def __post_init__(self) -> None:
         for name in ("mlm_probability", "masked_token_rate", "masked_token_unchanged_rate"):
@@ -143,8 +197,20 @@ class MaskingConfig:
                 f"({self.masked_token_unchanged_rate}) = {total} exceeds 1; the rest is the share of random "
                 "replacements, so lower one of them."
             )
-        if self.mask_token_id < 2:
-            raise UserError(f"mask_token_id must be at least 2, got {self.mask_token_id}.")
+        low, high = self.random_range
+        if not 0 <= low < high:
+            raise UserError(f"the random replacement range [{low}, {high}) of the MLM masking is empty.")
+        if self.max_masks is not None and self.max_masks < 1:
+            raise UserError(f"the cap on masked tokens per caption must be at least 1, got {self.max_masks}.")
+
+    @classmethod
+    def for_tokenizer(cls, tokenizer: Tokenizer, mlm_probability: float = 0.15, masked_token_rate: float = 0.8,
+                      masked_token_unchanged_rate: float = 0.1, max_masks: Optional[int] = None) -> "MaskingConfig":
+        """The rates given, with ``tokenizer``'s mask, special and padding ids and replacement range."""
+        specials = tokenizer.specials
+        return cls(mlm_probability, masked_token_rate, masked_token_unchanged_rate, mask_token_id=specials.mask,
+                   special_ids=tuple(sorted(tokenizer.special_ids)), random_range=tokenizer.random_token_range,
+                   pad_id=specials.pad, max_masks=max_masks)
 
 
 def mask_tokens(
@@ -153,20 +219,26 @@ def mask_tokens(
     """Corrupt one tokenised caption for masked language modelling.
 
     Args:
-        tokens: ``LongTensor[L]`` caption ids (sot, ids, eot, zero padding). Not modified.
-        config: selection and replacement rates.
+        tokens: ``LongTensor[L]`` caption ids (start, ids, end, padding). Not modified.
+        config: selection and replacement rates and the tokenizer's ids.
         generator: random stream to draw from (``None``: torch's global generator).
 
     Returns:
         ``(mlm_ids, mlm_labels)``, both ``LongTensor[L]``: the corrupted caption, and the original id at
-        every selected position with 0 elsewhere. When no token is selected, position 1 is replaced by
-        the mask token and labelled with its original id (as IRRA does).
+        every selected position with ``config.pad_id`` elsewhere. When no token is selected, position 1 is
+        replaced by the mask token and labelled with its original id (as IRRA does).
     """
     length = tokens.shape[0]
-    eligible = (tokens > 0) & (tokens < config.mask_token_id)
+    special = torch.tensor(config.special_ids, dtype=tokens.dtype)
+    eligible = ~torch.isin(tokens, special)
     selected = eligible & (torch.rand(length, generator=generator) < config.mlm_probability)
+    if config.max_masks is not None and int(selected.sum()) > config.max_masks:
+        chosen = selected.nonzero().squeeze(1)
+        keep = chosen[torch.randperm(len(chosen), generator=generator)[: config.max_masks]]
+        selected = torch.zeros_like(selected)
+        selected[keep] = True
     choice = torch.rand(length, generator=generator)
-    random_ids = torch.randint(1, config.mask_token_id, (length,), generator=generator)
+    random_ids = torch.randint(*config.random_range, (length,), generator=generator)
 
     to_mask = selected & (choice < config.masked_token_rate)
     keep_until = config.masked_token_rate + config.masked_token_unchanged_rate
@@ -174,7 +246,7 @@ def mask_tokens(
 
     mlm_ids = torch.where(to_mask, torch.full_like(tokens, config.mask_token_id), tokens)
     mlm_ids = torch.where(to_random, random_ids, mlm_ids)
-    labels = torch.where(selected, tokens, torch.zeros_like(tokens))
+    labels = torch.where(selected, tokens, torch.full_like(tokens, config.pad_id))
     if not bool(selected.any()) and length > 1:
         labels[1] = tokens[1]
         mlm_ids[1] = config.mask_token_id
@@ -214,11 +286,12 @@ class TextDataset(Dataset):
         text_length: int = 77,
         truncate: bool = True,
         tokenizer=None,
+        cache_dir: Optional[str] = None,
     ):
         if len(caption_pids) != len(captions):
             raise ValueError(f"{len(caption_pids)} caption pids but {len(captions)} captions")
         self.caption_pids = list(caption_pids)
-        self.caption_ids = tokenize_captions(captions, tokenizer, text_length, truncate)
+        self.caption_ids = tokenize_captions(captions, tokenizer, text_length, truncate, cache_dir)
 
     def __len__(self) -> int:
         return len(self.caption_pids)
@@ -239,10 +312,11 @@ class ImageTextDataset(Dataset):
     Args:
         samples: ``(pid, image_id, img_path, caption)`` tuples, e.g. ``build_dataset(...).train``.
         transform: image transform (PIL image -> tensor).
-        text_length, truncate, tokenizer: see :func:`tokenize`; ``tokenizer=None`` loads SimpleTokenizer.
-        masking: MLM corruption settings, or ``None`` for no MLM fields.
+        text_length, truncate, tokenizer: see :func:`tokenize`; ``tokenizer=None`` uses CLIP's BPE.
+        masking: MLM corruption settings, or ``None`` for no MLM fields (drawn from torch's global generator,
+            see the module docstring).
         keep_caption_unmasked: return the clean caption as ``caption_ids`` even with masking.
-        seed: seed of the masking stream when items are read in the main process (see module docstring).
+        cache_dir: where the tokenised captions are cached (see :func:`tokenize_captions`); None: not cached.
     """
 
     def __init__(
@@ -254,30 +328,17 @@ class ImageTextDataset(Dataset):
         tokenizer=None,
         masking: Optional[MaskingConfig] = None,
         keep_caption_unmasked: bool = False,
-        seed: int = 0,
+        cache_dir: Optional[str] = None,
     ):
         self.samples = list(samples)
         self.pids = [s[0] for s in self.samples]
         self.transform = transform
         self.masking = masking
         self.keep_caption_unmasked = keep_caption_unmasked
-        self.seed = seed
-        self.caption_ids = tokenize_captions([s[3] for s in self.samples], tokenizer, text_length, truncate)
-        self._rng: Optional[torch.Generator] = None
-        self._rng_owner: Optional[tuple] = None
+        self.caption_ids = tokenize_captions([s[3] for s in self.samples], tokenizer, text_length, truncate, cache_dir)
 
     def __len__(self) -> int:
         return len(self.samples)
-
-    def _generator(self) -> torch.Generator:
-        """The masking stream of the current process / DataLoader worker (created on first use)."""
-        info = get_worker_info()
-        owner = (os.getpid(), None) if info is None else (os.getpid(), info.id, info.seed)
-        if self._rng is None or self._rng_owner != owner:
-            seed = self.seed if info is None else info.seed
-            self._rng = torch.Generator().manual_seed(seed)
-            self._rng_owner = owner
-        return self._rng
 
     def __getitem__(self, index: int) -> dict:
         pid, image_id, img_path, _ = self.samples[index]
@@ -287,7 +348,7 @@ class ImageTextDataset(Dataset):
         caption = self.caption_ids[index].clone()
         item = {"pids": pid, "image_ids": image_id, "images": img, "caption_ids": caption}
         if self.masking is not None:
-            mlm_ids, mlm_labels = mask_tokens(caption, self.masking, self._generator())
+            mlm_ids, mlm_labels = mask_tokens(caption, self.masking)
             item["mlm_ids"] = mlm_ids
             item["mlm_labels"] = mlm_labels
             if not self.keep_caption_unmasked:

@@ -12,10 +12,14 @@ Identities are split into train / val / test blocks with disjoint ids. Within ea
 they repeat as evenly as possible), so most evaluation identities can be told apart from the caption.
 
 Files are written in the real benchmarks' layouts (see :mod:`datasets.pedes`), so the ordinary parsers
-read them::
+read them. With ``--languages en,ch`` the same images also get parallel English and Chinese annotation files
+in the multilingual layout (``<dataset>/annos/{train,test}_reid_{en,ch}.json``, see :mod:`datasets.multilingual`;
+that layout has no val split, so val identities are left out of it); the Chinese captions come from their own
+templates (:mod:`datasets.synthetic_zh`)::
 
     python -m datasets.synthetic --root data/synthetic --dataset_name all
     python -m datasets.synthetic --root data/synthetic --contact_sheet logs/sheet.png
+    python -m datasets.synthetic --root data/synthetic --dataset_name RSTPReid --languages en,ch
 
 Output is deterministic: the same arguments give the same bytes.
 """
@@ -36,7 +40,10 @@ from typing import Optional, Sequence
 import numpy as np
 from PIL import Image, ImageDraw
 
-from datasets.pedes import DATASETS, get_spec
+from datasets.multilingual import ANNOTATION_FOLDER, annotation_file_name, parse_languages
+from datasets.pedes import DATASETS, build_dataset, get_spec
+from datasets.synthetic_zh import describe_zh
+from utils.entry import run_main
 from utils.errors import UserError
 
 logger = logging.getLogger(__name__)
@@ -109,6 +116,9 @@ LAYOUTS: dict[str, SyntheticLayout] = {
     "ICFG-PEDES": SyntheticLayout(1, "{split}/{pid:04d}/{pid:04d}_{cam:03d}_{k:02d}.jpg", True),
     "RSTPReid": SyntheticLayout(2, "{pid:04d}_c{cam:02d}_{k:04d}.jpg", False),
 }
+
+#: Languages the generator writes captions in (codes of the multilingual layout).
+SYNTHETIC_LANGUAGES = ("en", "ch")
 
 
 @dataclass(frozen=True)
@@ -557,6 +567,7 @@ def write_synthetic(
     image_size: tuple[int, int] = (192, 64),
     jpeg_quality: int = 90,
     reuse: bool = False,
+    languages: Optional[Sequence[str]] = None,
 ) -> SyntheticSummary:
     """Write a synthetic ``dataset_name`` under ``root`` in the real benchmark's layout.
 
@@ -570,12 +581,22 @@ def write_synthetic(
         image_size: ``(height, width)`` of the stored JPEG files.
         reuse: keep a benchmark this function already wrote there with the same arguments instead of
             writing it again (its marker file records them).
+        languages: also write the train and test identities in the multilingual layout with captions in these
+            languages (codes of :data:`SYNTHETIC_LANGUAGES`); ``None`` writes the benchmark layout only. The
+            English captions there are those of the benchmark layout; the benchmark layout's bytes do not
+            depend on ``languages``.
 
     Raises:
-        UserError: unknown dataset, impossible sizes, or ``root/dataset_name`` holds other data.
+        UserError: unknown dataset or language, impossible sizes, or ``root/dataset_name`` holds other data.
     """
     spec = get_spec(dataset_name)
+    if spec.name not in LAYOUTS:
+        raise UserError(f"No synthetic layout for {spec.name}; choose one of {', '.join(LAYOUTS)}.")
     layout = LAYOUTS[spec.name]
+    unknown = [code for code in languages or () if code not in SYNTHETIC_LANGUAGES]
+    if unknown or (languages is not None and not languages):
+        raise UserError(f"The synthetic benchmark writes captions in {', '.join(SYNTHETIC_LANGUAGES)} only, "
+                        f"got --languages {','.join(languages or ())!r}.")
     num_test = num_ids // 6 if num_test_ids is None else num_test_ids
     num_val = (num_ids // 6 if num_val_ids is None else num_val_ids) if spec.has_val else 0
     num_train = num_ids - num_test - num_val
@@ -595,7 +616,12 @@ def write_synthetic(
     arguments = dict(dataset_name=dataset_name, num_ids=num_ids, seed=seed, images_per_id=images_per_id,
                      num_test_ids=num_test, num_val_ids=num_val, image_size=list(image_size),
                      jpeg_quality=jpeg_quality)
-    if reuse and _written_with(dataset_dir, arguments) and os.path.isfile(annotation):
+    if languages is not None:  # absent otherwise, so that the marker of a benchmark-only copy keeps its bytes
+        arguments["languages"] = list(languages)
+    parallel_files = [os.path.join(dataset_dir, ANNOTATION_FOLDER, annotation_file_name(split, lang))
+                      for split in ("train", "test") for lang in languages or ()]
+    if (reuse and _written_with(dataset_dir, arguments)
+            and all(os.path.isfile(p) for p in [annotation, *parallel_files])):
         logger.info("Reusing the synthetic %s already in %s (same arguments)", spec.name, dataset_dir)
         return _summary_of(dataset_dir, annotation)
     _prepare_dir(dataset_dir)
@@ -604,6 +630,8 @@ def write_synthetic(
     blocks = [("train", num_train), ("val", num_val), ("test", num_test)]
 
     entries = []
+    parallel: dict[str, dict[str, list]] = {split: {lang: [] for lang in languages or ()}
+                                             for split in ("train", "test")}
     person = 0
     for split, count in blocks:
         for upper, lower in _colour_pairs(pair_rng, count, unique=split != "train"):
@@ -624,15 +652,34 @@ def write_synthetic(
                 if layout.extra_fields:
                     entry["processed_tokens"] = [processed_tokens(c) for c in captions]
                 entries.append(entry)
+                if languages and split in parallel:
+                    for lang, texts in _captions_in(languages, captions, identity, pose.walking,
+                                                    np.random.default_rng([seed, dataset_index, 3, person, k])):
+                        parallel[split][lang].append({"file_path": rel, "id": file_id, "captions": texts})
             person += 1
 
     with open(annotation, "w", encoding="utf-8") as handle:
         json.dump(entries, handle)
+    if languages is not None:
+        os.makedirs(os.path.join(dataset_dir, ANNOTATION_FOLDER))
+        for split, by_language in parallel.items():
+            for lang, lang_entries in by_language.items():
+                path = os.path.join(dataset_dir, ANNOTATION_FOLDER, annotation_file_name(split, lang))
+                with open(path, "w", encoding="utf-8") as handle:
+                    json.dump(lang_entries, handle, ensure_ascii=False)
     with open(os.path.join(dataset_dir, MARKER_FILE), "w", encoding="utf-8") as handle:
         json.dump(arguments, handle, indent=1, sort_keys=True)
     summary = _summary_of(dataset_dir, annotation, entries)
     logger.info("Wrote synthetic %s to %s: %s", spec.name, dataset_dir, summary.num_images)
     return summary
+
+
+def _captions_in(languages: Sequence[str], english: list[str], identity: Identity, walking: bool,
+                 rng: np.random.Generator) -> list[tuple[str, list[str]]]:
+    """``(language, captions)`` of one image for each of ``languages``: the English captions as given, the
+    Chinese ones drawn from ``rng`` (as many as the English ones)."""
+    return [(lang, english if lang == "en" else [describe_zh(identity, rng, walking) for _ in english])
+            for lang in languages]
 
 
 def _written_with(dataset_dir: str, arguments: dict) -> bool:
@@ -671,8 +718,6 @@ def render_contact_sheet(
     ``<out_path>.txt``. The dataset is read back with the ordinary parser, so the sheet shows exactly
     what training sees. Returns the PNG path.
     """
-    from datasets.pedes import build_dataset
-
     dataset = build_dataset(dataset_name, root, verbose=False)
     rows: dict[int, dict[str, list[str]]] = {}
     if split == "train":
@@ -717,7 +762,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
         "CUHK-PEDES, ICFG-PEDES or RSTPReid.",
     )
     parser.add_argument("--root", required=True, help="folder that will hold <dataset_name>/imgs and annotations")
-    parser.add_argument("--dataset_name", default="CUHK-PEDES", choices=[*DATASETS, "all"])
+    parser.add_argument("--dataset_name", default="CUHK-PEDES", choices=[*LAYOUTS, "all"])
     parser.add_argument("--num_ids", type=int, default=300, help="identities over all splits")
     parser.add_argument("--num_test_ids", type=int, default=None, help="test identities (default num_ids // 6)")
     parser.add_argument("--num_val_ids", type=int, default=None, help="val identities (default num_ids // 6)")
@@ -727,6 +772,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument("--jpeg_quality", type=int, default=90)
     parser.add_argument("--reuse", action="store_true",
                         help="keep a benchmark already written there with the same arguments")
+    parser.add_argument("--languages", default=None, metavar="CODES",
+                        help="also write the multilingual layout with captions in these languages, e.g. en,ch "
+                        "(annos/{train,test}_reid_<lang>.json; val identities are left out of it)")
     parser.add_argument("--contact_sheet", default=None, metavar="PNG",
                         help="also tile the first training identities into this PNG (captions in PNG.txt)")
     args = parser.parse_args(argv)
@@ -737,19 +785,19 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Entry point; returns the process exit status (2 after a one-line ``error:`` for bad input)."""
-    from utils.entry import run_main
-
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     return run_main(parse_args, _write_all, argv)
 
 
 def _write_all(args: argparse.Namespace) -> None:
-    names = list(DATASETS) if args.dataset_name == "all" else [args.dataset_name]
+    names = list(LAYOUTS) if args.dataset_name == "all" else [args.dataset_name]
+    languages = None if args.languages is None else parse_languages(args.languages)
     for name in names:
         write_synthetic(
             args.root, name, num_ids=args.num_ids, seed=args.seed, images_per_id=args.images_per_id,
             num_test_ids=args.num_test_ids, num_val_ids=args.num_val_ids,
             image_size=tuple(args.image_size), jpeg_quality=args.jpeg_quality, reuse=args.reuse,
+            languages=languages,
         )
         if args.contact_sheet:
             stem, ext = os.path.splitext(args.contact_sheet)

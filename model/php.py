@@ -9,25 +9,28 @@ Retrieval". Two modules, shared by the image and the text branch, turn a sequenc
   path adds a :class:`model.moe.MixtureOfAdapters`; its load-balancing term is the ``aux`` loss.
 
 A feature is the backbone's global token (class token / end of text) plus the mean of the EFP outputs.
-:class:`PHP` is :class:`model.build.IRRA` with only the pooling hooks, the ``aux`` loss, the loss weights,
-the learning-rate rules and the expert-load report changed. Module names (``safl``, ``shared_transformer``,
+:class:`PHP` is :class:`model.irra.IRRA` with only the pooling hooks (which also return the ``aux`` terms) and
+the expert-load report changed; :class:`PHPCriterion` adds the weighted ``aux`` loss to IRRA's. Module names (``safl``, ``shared_transformer``,
 ``resblocks.{i}.{attn,ln_1,ln_2,ln_3,mlp,comb_param,feed_forward}``) follow the released code so its
 checkpoints load; see docs/php.md.
 """
 from __future__ import annotations
 
+import argparse
 import logging
 from collections.abc import Mapping, Sequence
 
 import torch
 from torch import nn
 
-from model.build import IRRA, apply_precision, irra_arguments
-from model.clip_model import CLIP, CLIPConfig
+from model.clip_model import CLIP
+from model.irra import IRRA, IRRACriterion, build_clip_backbone, irra_lr_rules
 from model.layers import LayerNorm, ResidualAttentionBlock
 from model.moe import MixtureOfAdapters
+from model.registry import Method, StateDict, parse_loss_names, register_method
 from solver.build import LrRule
 from utils.errors import UserError
+from utils.options import non_negative_float, positive_int
 
 logger = logging.getLogger(__name__)
 
@@ -164,26 +167,67 @@ def format_expert_load(loads: Sequence[torch.Tensor], topk: int) -> str:
 class PHP(IRRA):
     """IRRA whose features add the mean of CRFM -> EFP part features to the global tokens.
 
-    Args (beyond :class:`IRRA`'s):
-        loss_names: may also hold ``aux`` (the EFP load-balancing term, summed over layers and modalities).
-        loss_weights: per loss; :func:`php_loss_weights` gives the released ones.
+    Args (beyond :class:`~model.irra.IRRA`'s):
         num_parts: CRFM part tokens (``--cnum``).
         num_experts, topk, reduction: the EFP mixture (experts per layer, experts per token, bottleneck).
         moe_layers, moe_heads: EFP depth and attention heads (``embed_dim`` must divide by ``moe_heads``).
         efp_attention: ``tokens`` (default) or ``batch`` (the released behaviour, see
             :class:`ExpertParsingTransformer`).
+
+    ``forward`` adds ``image_aux`` and ``text_aux`` (the EFP load-balancing terms of each modality, float32
+    scalars) to IRRA's outputs.
     """
 
-    #: Checkpoint entries of the released code that this model does not use (CRFM's unused position embedding).
-    ignored_checkpoint_prefixes = ("safl.pos_embeding",)
-
-    def __init__(self, base_model: CLIP, num_classes: int, loss_names: Sequence[str], temperature: float = 0.02,
-                 cmt_depth: int = 4, vocab_size: int = 49408, loss_weights: Mapping[str, float] | None = None,
-                 num_parts: int = 9, num_experts: int = 4, topk: int = 2, reduction: int = 8,
-                 moe_layers: int = 4, moe_heads: int = 8, efp_attention: str = "tokens") -> None:
-        losses = tuple(loss_names)
+    def __init__(self, base_model: CLIP, num_classes: int, with_id: bool = True, with_mlm: bool = False,
+                 cmt_depth: int = 4, vocab_size: int = 49408, num_parts: int = 9, num_experts: int = 4, topk: int = 2,
+                 reduction: int = 8, moe_layers: int = 4, moe_heads: int = 8, efp_attention: str = "tokens") -> None:
         dim = base_model.config.embed_dim
         _check_php_sizes(dim, num_parts, num_experts, topk, reduction, moe_layers, moe_heads, efp_attention)
+        super().__init__(base_model, num_classes, with_id, with_mlm, cmt_depth, vocab_size)
+        self.safl = PartTokenMapping(dim, num_parts)
+        self.shared_transformer = ExpertParsingTransformer(dim, moe_layers, moe_heads, num_experts, topk, reduction,
+                                                           attention=efp_attention)
+        self.topk = topk
+        logger.info("PHP: %d part tokens, %d EFP layers x %d heads, %d experts (top-%d, reduction %d), "
+                    "EFP attention over %s", num_parts, moe_layers, moe_heads, num_experts, topk, reduction,
+                    efp_attention)
+        if efp_attention == "batch":
+            logger.warning(
+                "--efp_attention batch: EFP attention runs across the samples of a batch, as in the released PHP "
+                "code, so a sample's feature depends on the other samples in its batch and test scores depend "
+                "on --test_batch_size and the loader order. Use it only to evaluate released checkpoints.")
+
+    # -- pooling hooks ---------------------------------------------------------------------------------
+    def _parse(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """tokens [B, N, D] -> (mean of the EFP part features [B, D] float32, EFP aux term)."""
+        parts, aux = self.shared_transformer(self.safl(tokens))
+        return parts.mean(dim=1).float(), aux
+
+    def pool_image(self, image_tokens: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """image_tokens [B, 1 + N, D] -> (class token + parsed patch tokens [B, D] float32, {image_aux})."""
+        global_feature = super().pool_image(image_tokens)[0]
+        parts, aux = self._parse(image_tokens[:, 1:])
+        return global_feature + parts, {"image_aux": aux}
+
+    def pool_text(self, text_tokens: torch.Tensor, ids: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """text_tokens [B, L, D], ids [B, L] -> (end-of-text token + parsed text tokens [B, D] float32, {text_aux})."""
+        global_feature = super().pool_text(text_tokens, ids)[0]
+        parts, aux = self._parse(text_tokens)
+        return global_feature + parts, {"text_aux": aux}
+
+    def training_report(self) -> str:
+        """Expert load since the last report (training steps only); resets the counters."""
+        report = format_expert_load(self.shared_transformer.expert_load(), self.topk)
+        self.shared_transformer.reset_expert_load()
+        return report
+
+
+class PHPCriterion(IRRACriterion):
+    """IRRA's terms on PHP's features, plus ``aux_loss``: the weighted image + text EFP load-balancing term."""
+
+    def __init__(self, losses: Sequence[str], weights: Mapping[str, float] | None = None,
+                 temperature: float = 0.02) -> None:
+        losses = tuple(losses)
         unknown = [name for name in losses if name not in PHP_LOSS_NAMES]
         retrieval = tuple(name for name in losses if name != "aux")
         if unknown or not retrieval:
@@ -192,60 +236,17 @@ class PHP(IRRA):
                 f"{', '.join(PHP_LOSS_NAMES[:-1])}, optionally with aux; unknown: {unknown or 'none'}; "
                 "e.g. 'sdm+itc+aux'."
             )
-        weights = {"aux": 1.0, **(loss_weights or {})}
-        super().__init__(base_model, num_classes, retrieval, temperature, cmt_depth, vocab_size, weights)
-        self.loss_names = losses
-        self.safl = PartTokenMapping(dim, num_parts)
-        self.shared_transformer = ExpertParsingTransformer(dim, moe_layers, moe_heads, num_experts, topk, reduction,
-                                                           attention=efp_attention)
-        self.topk = topk
-        self._aux_terms: dict[str, torch.Tensor] = {}
-        logger.info("PHP: %d part tokens, %d EFP layers x %d heads, %d experts (top-%d, reduction %d), "
-                    "EFP attention over %s; aux weight %s", num_parts, moe_layers, moe_heads, num_experts, topk,
-                    reduction, efp_attention, self.loss_weights["aux"] if "aux" in losses else "(aux off)")
-        if efp_attention == "batch":
-            logger.warning(
-                "--efp_attention batch: EFP attention runs across the samples of a batch, as in the released PHP "
-                "code, so a sample's feature depends on the other samples in its batch and test scores depend "
-                "on --test_batch_size and the loader order. Use it only to evaluate released checkpoints.")
+        super().__init__(retrieval, weights, temperature)
+        self.with_aux = "aux" in losses
+        self.aux_weight = float((weights or {}).get("aux", 1.0))
+        if self.with_aux:
+            logger.info("aux weight %s", self.aux_weight)
 
-    # -- pooling hooks ---------------------------------------------------------------------------------
-    def _parse(self, tokens: torch.Tensor, modality: str) -> torch.Tensor:
-        """tokens [B, N, D] -> mean of the EFP part features [B, D] float32; keeps the aux term for forward."""
-        parts, aux = self.shared_transformer(self.safl(tokens))
-        self._aux_terms[modality] = aux
-        return parts.mean(dim=1).float()
-
-    def pool_image(self, image_tokens: torch.Tensor) -> torch.Tensor:
-        """image_tokens [B, 1 + N, D] -> class token + parsed patch tokens, [B, D] float32."""
-        return super().pool_image(image_tokens) + self._parse(image_tokens[:, 1:], "image")
-
-    def pool_text(self, text_tokens: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-        """text_tokens [B, L, D], ids [B, L] -> end-of-text token + parsed text tokens, [B, D] float32."""
-        return super().pool_text(text_tokens, ids) + self._parse(text_tokens, "text")
-
-    def forward(self, batch: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """IRRA's losses on PHP's features, plus ``aux_loss`` (weighted image + text EFP load balancing)."""
-        self._aux_terms = {}
-        try:
-            out = super().forward(batch)
-            if "aux" in self.loss_names:
-                aux = self._aux_terms["image"] + self._aux_terms["text"]
-                out["aux_loss"] = aux * self.loss_weights["aux"]
-        finally:
-            self._aux_terms = {}
+    def forward(self, outputs: Mapping[str, torch.Tensor], batch: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        out = super().forward(outputs, batch)
+        if self.with_aux:
+            out["aux_loss"] = (outputs["image_aux"] + outputs["text_aux"]) * self.aux_weight
         return out
-
-    # -- hooks used by the solver and the trainer -------------------------------------------------------
-    def extra_lr_rules(self, args) -> list[LrRule]:
-        """The solver's hook: :func:`php_lr_rules` from ``--transformer_lr_factor``, ``--moe_lr_factor``."""
-        return php_lr_rules(args.transformer_lr_factor, args.moe_lr_factor, args.bias_lr_factor)
-
-    def training_report(self) -> str:
-        """Expert load since the last report (training steps only); resets the counters."""
-        report = format_expert_load(self.shared_transformer.expert_load(), self.topk)
-        self.shared_transformer.reset_expert_load()
-        return report
 
 
 def _check_php_sizes(dim: int, num_parts: int, num_experts: int, topk: int, reduction: int, moe_layers: int,
@@ -267,18 +268,66 @@ def _check_php_sizes(dim: int, num_parts: int, num_experts: int, topk: int, redu
         raise UserError("PHP options: " + "; ".join(problems) + ".")
 
 
-def build_php(args, num_classes: int = 11003, clip_config: CLIPConfig | None = None) -> PHP:
-    """Build PHP from the training argument namespace (see :func:`model.build.build_model`)."""
-    model = PHP(
-        num_classes=num_classes,
-        loss_weights=php_loss_weights(args.aux_factor, args.id_loss_weight, args.mlm_loss_weight),
-        num_parts=args.cnum,
-        num_experts=args.num_experts,
-        topk=args.topk,
-        reduction=args.reduction,
-        moe_layers=args.moe_layers,
-        moe_heads=args.moe_heads,
-        efp_attention=getattr(args, "efp_attention", "tokens"),
-        **irra_arguments(args, clip_config),
-    )
-    return apply_precision(model, args)
+def add_php_arguments(g: argparse._ArgumentGroup) -> None:
+    """PHP's own flags (it also reads IRRA's: backbone, temperature, loss weights, lr_factor)."""
+    g.add_argument("--cnum", type=positive_int, default=9, help="CRFM part tokens")
+    g.add_argument("--num_experts", type=positive_int, default=4, help="experts (adapters) per EFP layer")
+    g.add_argument("--topk", type=positive_int, default=2, help="experts each token is routed to")
+    g.add_argument("--reduction", type=positive_int, default=8, help="expert bottleneck = embed width // reduction")
+    g.add_argument("--moe_layers", type=positive_int, default=4, help="EFP blocks")
+    g.add_argument("--moe_heads", type=positive_int, default=8, help="attention heads of the EFP blocks")
+    g.add_argument("--aux_factor", type=non_negative_float, default=0.5,
+                   help="weight of the EFP load-balancing loss 'aux'")
+    g.add_argument("--moe_lr_factor", type=non_negative_float, default=2.0,
+                   help="learning-rate factor of the EFP experts and gates")
+    g.add_argument("--transformer_lr_factor", type=non_negative_float, default=1.0,
+                   help="learning-rate factor of the EFP blocks")
+    g.add_argument("--efp_attention", default="tokens", choices=EFP_ATTENTION_MODES,
+                   help="tokens: EFP attends over each sample's part tokens; batch: across the batch, as the "
+                        "released code does (to evaluate its checkpoints; see docs/php.md)")
+
+
+def check_php_arguments(args: argparse.Namespace, losses: list[str]) -> None:
+    if losses == ["aux"]:
+        raise UserError("--loss_names aux: the load-balancing term alone trains nothing to retrieve; add a "
+                        "matching loss, e.g. sdm+itc+aux")
+    if args.topk > args.num_experts:
+        raise UserError(f"--topk {args.topk} exceeds --num_experts {args.num_experts}: each token picks "
+                        f"topk distinct experts")
+
+
+def build_php_model(args: argparse.Namespace, num_classes: int, weights: StateDict | None = None,
+                    tokenizer=None) -> PHP:
+    """PHP from the options (see :class:`model.registry.Method` for ``weights``)."""
+    losses = parse_loss_names(args.loss_names)
+    return PHP(build_clip_backbone(args, weights), num_classes, with_id="id" in losses, with_mlm="mlm" in losses,
+               cmt_depth=args.cmt_depth, vocab_size=args.vocab_size, num_parts=args.cnum,
+               num_experts=args.num_experts, topk=args.topk, reduction=args.reduction, moe_layers=args.moe_layers,
+               moe_heads=args.moe_heads, efp_attention=getattr(args, "efp_attention", "tokens"))
+
+
+def build_php_criterion(args: argparse.Namespace) -> PHPCriterion:
+    weights = php_loss_weights(args.aux_factor, args.id_loss_weight, args.mlm_loss_weight)
+    return PHPCriterion(parse_loss_names(args.loss_names), weights, args.temperature)
+
+
+def php_lr_rules_from_args(args: argparse.Namespace) -> list[LrRule]:
+    """IRRA's rules, then PHP's (:func:`php_lr_rules`)."""
+    return irra_lr_rules(args) + php_lr_rules(args.transformer_lr_factor, args.moe_lr_factor, args.bias_lr_factor)
+
+
+PHP_METHOD = register_method(Method(
+    name="php",
+    summary="IRRA + part-token mapping and expert-driven parsing (PHP)",
+    losses=PHP_LOSS_NAMES,
+    default_losses="sdm+itc+aux",
+    build_model=build_php_model,
+    build_criterion=build_php_criterion,
+    lr_rules=php_lr_rules_from_args,
+    add_arguments=add_php_arguments,
+    check_arguments=check_php_arguments,
+    # Released PHP runs keep IRRA's configs, which name no model: their part-token weights say what they are.
+    recognise_checkpoint=lambda state: any(key.startswith("safl.") for key in state),
+    # CRFM's position embedding of the released code, which the model never uses.
+    ignored_checkpoint_keys=("safl.pos_embeding",),
+))

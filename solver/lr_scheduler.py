@@ -8,6 +8,8 @@ as the trainer counts) trains with the rate for ``last_epoch = e - 1``:
 * then, with ``r = (last_epoch − warmup_epochs) / (total_epochs − warmup_epochs)``:
   ``step``: ``gamma ** (number of milestones ≤ last_epoch)``; ``exp``: ``power ** r``; ``linear``: ``1 − r``;
   ``poly``: ``target + (base − target)·power ** (1 − r)``; ``cosine``: ``target + (base − target)·½(1 + cos πr)``.
+
+``timm_cosine`` is timm's own ``CosineLRScheduler`` (:class:`TimmCosineSchedule`), which IVT's released code uses.
 """
 from __future__ import annotations
 
@@ -20,7 +22,7 @@ from torch.optim.lr_scheduler import LRScheduler
 
 from utils.errors import UserError
 
-SCHEDULES = ("step", "exp", "poly", "cosine", "linear")
+SCHEDULES = ("step", "exp", "poly", "cosine", "linear", "timm_cosine")
 WARMUP_METHODS = ("constant", "linear")
 
 
@@ -35,7 +37,9 @@ def scheduled_lr(base_lr: float, epoch: int, *, mode: str, milestones: Sequence[
         return base_lr * (warmup_factor * (1 - alpha) + alpha)
     if mode == "step":
         return base_lr * gamma ** bisect_right(list(milestones), epoch)
-    ratio = (epoch - warmup_epochs) / (total_epochs - warmup_epochs)
+    # A run no longer than its warmup stays in warmup (IRRA accepts it); only the scheduler's step after the
+    # last epoch gets here then, and the rate it computes is never used.
+    ratio = min(1.0, (epoch - warmup_epochs) / max(total_epochs - warmup_epochs, 1))
     if mode == "exp":
         return base_lr * power ** ratio
     if mode == "linear":
@@ -56,9 +60,6 @@ def check_schedule(mode: str, milestones: Sequence[int], warmup_method: str, war
         raise UserError(f"--milestones must be increasing epochs, got {list(milestones)}")
     if warmup_epochs < 0 or total_epochs < 1:
         raise UserError(f"--warmup_epochs ({warmup_epochs}) must be ≥ 0 and --num_epoch ({total_epochs}) ≥ 1")
-    if mode != "step" and warmup_epochs >= total_epochs:
-        raise UserError(f"--warmup_epochs ({warmup_epochs}) must be smaller than --num_epoch ({total_epochs}) "
-                        f"for the {mode} schedule")
 
 
 class LRSchedulerWithWarmup(LRScheduler):
@@ -86,3 +87,39 @@ class LRSchedulerWithWarmup(LRScheduler):
                              warmup_method=self.warmup_method, total_epochs=self.total_epochs,
                              target_lr=self.target_lr, power=self.power)
                 for base_lr in self.base_lrs]
+
+
+class TimmCosineSchedule:
+    """timm's ``CosineLRScheduler`` (the schedule of IVT's released code), stepped once per epoch, behind the
+    interface the trainer and the checkpointer use (``step()``, ``get_last_lr()``, ``state_dict()``).
+
+    Epoch ``e`` (1-based) trains with timm's rate for ``t = e``, as IVT's CUHK-PEDES loop calls
+    ``scheduler.step(epoch)`` before epoch ``epoch``: a linear warmup from ``warmup_lr_init`` (absolute, the same
+    for every parameter group) to each group's own rate over ``warmup_epochs``, then one cosine over
+    ``total_epochs`` down to ``lr_min`` (``t_initial = total_epochs``, ``cycle_limit = 1``, warmup not prefixed).
+    """
+
+    def __init__(self, optimizer: Optimizer, total_epochs: int, warmup_epochs: int, warmup_lr_init: float,
+                 lr_min: float) -> None:
+        from timm.scheduler import CosineLRScheduler  # timm is imported only by runs that use its schedule
+
+        self.optimizer = optimizer
+        self.inner = CosineLRScheduler(optimizer, t_initial=total_epochs, lr_min=lr_min, warmup_t=warmup_epochs,
+                                       warmup_lr_init=warmup_lr_init, cycle_limit=1, t_in_epochs=True)
+        self.last_epoch = 0
+        self.inner.step(1)
+
+    def get_last_lr(self) -> list[float]:
+        return [group["lr"] for group in self.optimizer.param_groups]
+
+    def step(self) -> None:
+        self.last_epoch += 1
+        self.inner.step(self.last_epoch + 1)
+
+    def state_dict(self) -> dict:
+        return {"last_epoch": self.last_epoch, "timm": self.inner.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.last_epoch = int(state["last_epoch"])
+        self.inner.load_state_dict(state["timm"])
+        self.inner.step(self.last_epoch + 1)

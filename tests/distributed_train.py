@@ -8,7 +8,8 @@ tensor does not depend on which process's random stream loads it and a 2-process
 number for number with a 1-process run. The rest is what train.py does.
 
 * ``--record DIR``: each process writes ``DIR/rank<RANK>.json`` with the training-set indices it loaded, in
-  order, and the torch seed it trained with.
+  order, and the torch seed it trained with (read as it asks for its first sample, before that sample's own
+  seeding).
 * ``--fail_eval``: evaluation raises a UserError (it runs on rank 0 only).
 * ``--fail_step_on_rank R``: the model's forward raises a UserError on rank R in the second training step.
 * ``--check_collectives DIR``: before training, each process runs :func:`collective_checks` on its share of
@@ -118,16 +119,16 @@ def collective_checks(out_dir: str) -> None:
 @contextlib.contextmanager
 def hooks(record: str = "", fail_eval: bool = False, fail_step_on_rank: int = -1):
     """Apply the hooks of the module docstring for the duration of the block."""
-    import datasets.bases as bases
     import datasets.build as build
-    from model.build import IRRA
+    import datasets.resumable as resumable
+    from model import IRRA
     from utils.metrics import Evaluator
 
     rank = int(os.environ.get("RANK", "0"))
     seen: list[int] = []
     seeds: list[int] = []
     original_transforms = build.build_transforms
-    original_getitem = bases.ImageTextDataset.__getitem__
+    original_getitem = resumable.SeededSamples.__getitem__
     original_eval = Evaluator.eval
     original_forward = IRRA.forward
     steps = [0]
@@ -135,11 +136,11 @@ def hooks(record: str = "", fail_eval: bool = False, fail_step_on_rank: int = -1
     def test_transforms(img_size, aug=False, is_train=True):
         return original_transforms(img_size, aug=False, is_train=False)
 
-    def recording_getitem(self, index):
+    def recording_getitem(self, key):
         if not seeds:
             seeds.append(torch.initial_seed())
-        seen.append(int(index))
-        return original_getitem(self, index)
+        seen.append(int(key.index))
+        return original_getitem(self, key)
 
     def failing_eval(self, *args, **kwargs):
         raise UserError("evaluation failed on purpose (test hook)")
@@ -152,7 +153,7 @@ def hooks(record: str = "", fail_eval: bool = False, fail_step_on_rank: int = -1
 
     build.build_transforms = test_transforms
     if record:
-        bases.ImageTextDataset.__getitem__ = recording_getitem
+        resumable.SeededSamples.__getitem__ = recording_getitem
     if fail_eval:
         Evaluator.eval = failing_eval
     if fail_step_on_rank >= 0:
@@ -161,7 +162,7 @@ def hooks(record: str = "", fail_eval: bool = False, fail_step_on_rank: int = -1
         yield
     finally:
         build.build_transforms = original_transforms
-        bases.ImageTextDataset.__getitem__ = original_getitem
+        resumable.SeededSamples.__getitem__ = original_getitem
         Evaluator.eval = original_eval
         IRRA.forward = original_forward
         if record:

@@ -64,7 +64,7 @@ def test_bad_files_give_clear_errors(tmp_path):
         Checkpointer(small_model()).load(str(tmp_path / "nope.pth"))
     broken = tmp_path / "broken.pth"
     broken.write_bytes(b"not a checkpoint")
-    with pytest.raises(UserError, match="could not be read"):
+    with pytest.raises(UserError, match="is not a checkpoint this project wrote or can read safely"):
         Checkpointer(small_model()).load(str(broken))
     with pytest.raises(UserError, match="resume_ckpt_file"):
         Checkpointer(small_model()).resume("")
@@ -76,8 +76,7 @@ def test_interrupted_save_keeps_previous_file(tmp_path, monkeypatch):
     path = ckpt.save("best", epoch=1)
 
     def failing_save(obj, f, *a, **k):
-        with open(f, "wb") as handle:
-            handle.write(b"partial")
+        f.write(b"partial")
         raise KeyboardInterrupt
 
     monkeypatch.setattr(torch, "save", failing_save)

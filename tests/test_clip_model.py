@@ -260,6 +260,39 @@ def test_position_embedding_resize_matches_bilinear():
         resize_visual_pos_embed(torch.randn(1 + 6, 6), (2, 2))
 
 
+def bilinear_reference(pos_embed, grid_size):
+    """Class row kept; the square grid resized by bilinear interpolation written out point by point
+    (half-pixel centres, source coordinates clamped at 0, as ``align_corners=False`` defines it)."""
+    side = round((pos_embed.shape[0] - 1) ** 0.5)
+    grid = pos_embed[1:].double().reshape(side, side, -1)
+
+    def taps(out_index, out_size):
+        src = max((out_index + 0.5) * side / out_size - 0.5, 0.0)
+        low = min(int(src), side - 1)
+        return low, min(low + 1, side - 1), src - low
+
+    rows = []
+    for i in range(grid_size[0]):
+        y0, y1, wy = taps(i, grid_size[0])
+        for j in range(grid_size[1]):
+            x0, x1, wx = taps(j, grid_size[1])
+            top = grid[y0, x0] * (1 - wx) + grid[y0, x1] * wx
+            bottom = grid[y1, x0] * (1 - wx) + grid[y1, x1] * wx
+            rows.append(top * (1 - wy) + bottom * wy)
+    return torch.cat([pos_embed[:1], torch.stack(rows).to(pos_embed.dtype)])
+
+
+def test_bilinear_reference_on_a_hand_example():
+    # A 2 x 2 grid of scalars 0 1 / 2 3 doubled to 4 x 4: the first output row samples y = -0.25 -> clamped to 0.
+    pos = torch.tensor([[9.0], [0.0], [1.0], [2.0], [3.0]])
+    got = resize_visual_pos_embed(pos, (4, 4))
+    want = bilinear_reference(pos, (4, 4))
+    torch.testing.assert_close(got, want)
+    assert got[0, 0] == 9.0
+    assert got[1:5, 0].tolist() == [0.0, 0.25, 0.75, 1.0]       # top row: x at -0.25, 0.25, 0.75, 1.25
+    assert got[5:9, 0].tolist() == [0.5, 0.75, 1.25, 1.5]       # y = 0.25: a quarter of the way to row 2 3
+
+
 @pytest.mark.parametrize("torchscript", [False, True])
 def test_load_openai_checkpoint_and_resize(tmp_path, torchscript):
     square = small_clip((32, 32), 8, seed=3)  # 4 x 4 grid, like OpenAI's square checkpoints
@@ -273,8 +306,8 @@ def test_load_openai_checkpoint_and_resize(tmp_path, torchscript):
     for key, value in source.items():
         if key != "visual.positional_embedding":
             torch.testing.assert_close(loaded[key], value, msg=key)
-    resized = resize_visual_pos_embed(source["visual.positional_embedding"], (6, 3))
-    torch.testing.assert_close(loaded["visual.positional_embedding"], resized)
+    torch.testing.assert_close(loaded["visual.positional_embedding"],
+                               bilinear_reference(source["visual.positional_embedding"], (6, 3)))
     ids = random_ids()
     with torch.no_grad():
         torch.testing.assert_close(model.eval().encode_text(ids), square.encode_text(ids))

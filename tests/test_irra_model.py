@@ -1,4 +1,4 @@
-"""Tests for model/build.py: the IRRA model on a tiny CPU configuration."""
+"""Tests for model/irra.py: the IRRA model and its criterion on a tiny CPU configuration."""
 
 from types import SimpleNamespace
 
@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from model import IRRA, build_model, objectives
+from model import IRRA, IRRACriterion, build_criterion, build_model, objectives
 from model.clip_model import CLIP, CLIPConfig, CLIPTextCfg, CLIPVisionCfg, save_openai_checkpoint
 from utils.errors import UserError
 
@@ -20,9 +20,21 @@ CFG = CLIPConfig(
 ALL_LOSSES = ("itc", "sdm", "cmpm", "id", "mlm")
 
 
-def make_irra(losses=ALL_LOSSES, seed=0, **kwargs) -> IRRA:
+def make_irra(losses=ALL_LOSSES, seed=0) -> IRRA:
     torch.manual_seed(seed)
-    return IRRA(CLIP(CFG, (32, 16), 8), num_classes=5, loss_names=losses, cmt_depth=2, vocab_size=VOCAB, **kwargs)
+    return IRRA(CLIP(CFG, (32, 16), 8), num_classes=5, with_id="id" in losses, with_mlm="mlm" in losses,
+                cmt_depth=2, vocab_size=VOCAB)
+
+
+class Trainable:
+    """A model and its criterion called together, as one training step does."""
+
+    def __init__(self, losses=ALL_LOSSES, seed=0, weights=None, temperature=0.02):
+        self.model = make_irra(losses, seed)
+        self.criterion = IRRACriterion(losses, weights, temperature)
+
+    def __call__(self, batch):
+        return self.criterion(self.model(batch), batch)
 
 
 def make_batch(seed=1, batch=4, length=10):
@@ -43,9 +55,21 @@ def make_batch(seed=1, batch=4, length=10):
     }
 
 
-def test_forward_all_losses_and_backward():
+def test_forward_returns_named_outputs():
     model = make_irra()
-    out = model(make_batch())
+    batch = make_batch()
+    out = model(batch)
+    assert set(out) == {"image_feats", "text_feats", "image_logits", "text_logits", "mlm_scores", "mlm_targets"}
+    assert out["image_feats"].shape == out["text_feats"].shape == (4, 64)
+    assert out["image_logits"].shape == (4, 5) and out["mlm_scores"].shape == (6, VOCAB)
+    assert out["mlm_targets"].tolist() == batch["mlm_labels"][batch["mlm_labels"] != 0].tolist()
+    assert set(make_irra(("sdm",))(batch)) == {"image_feats", "text_feats"}
+
+
+def test_forward_all_losses_and_backward():
+    step = Trainable()
+    model = step.model
+    out = step(make_batch())
     assert set(out) == {"temperature", "itc_loss", "sdm_loss", "cmpm_loss", "id_loss", "img_acc", "txt_acc",
                         "mlm_loss", "mlm_acc"}
     assert all(torch.isfinite(v).all() for v in out.values())
@@ -59,10 +83,11 @@ def test_forward_all_losses_and_backward():
 
 
 def test_losses_equal_objectives_on_pooled_features():
-    model = make_irra(("sdm", "itc", "id"))
+    step = Trainable(("sdm", "itc", "id"))
+    model = step.model
     batch = make_batch()
     with torch.no_grad():
-        out = model(batch)
+        out = step(batch)
         img, txt = model.encode_image(batch["images"]), model.encode_text(batch["caption_ids"])
         # end-of-text pooling: the token at the largest id
         text_tokens = model.base_model.encode_text(batch["caption_ids"])
@@ -76,10 +101,11 @@ def test_losses_equal_objectives_on_pooled_features():
 
 
 def test_mlm_partial_projection_equals_full():
-    model = make_irra(("mlm",))
+    step = Trainable(("mlm",))
+    model = step.model
     batch = make_batch()
     with torch.no_grad():
-        out = model(batch)
+        out = step(batch)
         image_tokens = model.base_model.encode_image(batch["images"])
         fused = model.cross_former(model.base_model.encode_text(batch["mlm_ids"]), image_tokens)
         scores = model.mlm_head(fused).float().reshape(-1, VOCAB)  # every position, as IRRA does
@@ -92,10 +118,10 @@ def test_mlm_partial_projection_equals_full():
 
 
 def test_mlm_without_masked_tokens_is_zero():
-    model = make_irra(("mlm",))
+    step = Trainable(("mlm",))
     batch = make_batch()
     batch["mlm_labels"] = torch.zeros_like(batch["mlm_labels"])
-    out = model(batch)
+    out = step(batch)
     assert out["mlm_loss"].item() == 0.0 and out["mlm_acc"].item() == 0.0
     out["mlm_loss"].backward()
 
@@ -103,8 +129,8 @@ def test_mlm_without_masked_tokens_is_zero():
 def test_loss_weights_scale_losses():
     batch = make_batch()
     with torch.no_grad():
-        plain = make_irra(("id", "mlm", "sdm"))(batch)
-        weighted = make_irra(("id", "mlm", "sdm"), loss_weights={"id": 2.0, "mlm": 0.5})(batch)
+        plain = Trainable(("id", "mlm", "sdm"))(batch)
+        weighted = Trainable(("id", "mlm", "sdm"), weights={"id": 2.0, "mlm": 0.5})(batch)
     torch.testing.assert_close(weighted["id_loss"], 2 * plain["id_loss"])
     torch.testing.assert_close(weighted["mlm_loss"], 0.5 * plain["mlm_loss"])
     torch.testing.assert_close(weighted["sdm_loss"], plain["sdm_loss"])
@@ -133,7 +159,7 @@ def test_state_dict_layout_matches_irra():
 
 def test_head_initialisation():
     torch.manual_seed(0)
-    model = IRRA(CLIP(CFG, (32, 16), 8), num_classes=400, loss_names=("id", "mlm"), cmt_depth=4, vocab_size=2000)
+    model = IRRA(CLIP(CFG, (32, 16), 8), num_classes=400, with_id=True, with_mlm=True, cmt_depth=4, vocab_size=2000)
     scale = 64**-0.5
     proj_std, fc_std = scale * 8**-0.5, 128**-0.5
 
@@ -167,28 +193,30 @@ def test_save_load_reproduces_outputs(tmp_path):
 def test_pooling_hooks_drive_encoders_and_losses():
     class MeanPooled(IRRA):
         def pool_image(self, image_tokens):
-            return image_tokens.mean(dim=1).float()
+            return image_tokens.mean(dim=1).float(), {"image_extra": image_tokens.sum()}
 
     torch.manual_seed(0)
-    model = MeanPooled(CLIP(CFG, (32, 16), 8), num_classes=5, loss_names=("sdm",))
+    model = MeanPooled(CLIP(CFG, (32, 16), 8), num_classes=5, with_id=False, with_mlm=False)
     batch = make_batch()
     with torch.no_grad():
         tokens = model.base_model.encode_image(batch["images"])
         torch.testing.assert_close(model.encode_image(batch["images"]), tokens.mean(1))
         txt = model.encode_text(batch["caption_ids"])
         expected = objectives.compute_sdm(tokens.mean(1), txt, batch["pids"], 50.0)
-        torch.testing.assert_close(model(batch)["sdm_loss"], expected)
+        outputs = model(batch)
+        torch.testing.assert_close(outputs["image_extra"], tokens.sum())
+        torch.testing.assert_close(IRRACriterion(("sdm",))(outputs, batch)["sdm_loss"], expected)
 
 
 def test_bad_configuration_and_batches():
     with pytest.raises(UserError, match="Unknown loss name.*'foo'.*sdm"):
-        make_irra(("sdm", "foo"))
+        IRRACriterion(("sdm", "foo"))
     with pytest.raises(UserError, match="--temperature"):
-        make_irra(("sdm",), temperature=0.0)
+        IRRACriterion(("sdm",), temperature=0.0)
     with pytest.raises(UserError, match="num_classes=0"):
-        IRRA(CLIP(CFG, (32, 16), 8), num_classes=0, loss_names=("id",))
+        IRRA(CLIP(CFG, (32, 16), 8), num_classes=0, with_id=True)
     with pytest.raises(UserError, match="--cmt_depth"):
-        IRRA(CLIP(CFG, (32, 16), 8), num_classes=5, loss_names=("mlm",), cmt_depth=0)
+        IRRA(CLIP(CFG, (32, 16), 8), num_classes=5, with_id=False, with_mlm=True, cmt_depth=0)
     model = make_irra(("sdm", "mlm"))
     batch = make_batch()
     del batch["mlm_labels"]
@@ -197,7 +225,7 @@ def test_bad_configuration_and_batches():
     batch = make_batch()
     batch["pids"] = torch.tensor([0, 1, 2, 5])
     with pytest.raises(UserError, match=r"\[0, 5\)"):
-        make_irra(("id",))(batch)
+        Trainable(("id",))(batch)
 
 
 def args_namespace(**overrides):
@@ -209,38 +237,48 @@ def args_namespace(**overrides):
 
 
 def test_build_model_from_args():
-    model = build_model(args_namespace(), num_classes=7)
-    assert model.loss_names == ("sdm", "mlm", "id") and model.classifier.out_features == 7
-    assert model.loss_weights["id"] == 0.5 and model.loss_weights["mlm"] == 2.0
-    assert model.logit_scale == pytest.approx(20.0) and len(model.cross_modal_transformer.resblocks) == 1
+    args = args_namespace()
+    model = build_model(args, num_classes=7)
+    criterion = build_criterion(args)
+    assert criterion.losses == ("sdm", "mlm", "id") and model.classifier.out_features == 7
+    assert criterion.weights == {"sdm": 1.0, "id": 0.5, "mlm": 2.0}
+    assert criterion.logit_scale == pytest.approx(20.0) and len(model.cross_modal_transformer.resblocks) == 1
     assert model.base_model.config.embed_dim == 96
     with pytest.raises(UserError, match="Unknown loss"):
-        build_model(args_namespace(loss_names="sdm+idd"))
+        build_criterion(args_namespace(loss_names="sdm+idd"))
 
 
-def test_build_model_with_clip_config_and_old_namespace(tmp_path):
-    model = build_model(args_namespace(loss_names="sdm", vocab_size=VOCAB), num_classes=3, clip_config=CFG)
-    assert model.base_model.config == CFG
-    # A namespace saved by IRRA itself: no from_scratch / precision; a checkpoint path loads its weights.
+def test_build_model_from_saved_weights_and_old_namespace(tmp_path):
+    model = build_model(args_namespace(loss_names="sdm+id", vocab_size=VOCAB), num_classes=3)
+    state = model.state_dict()
+    # Evaluation: the architecture comes from the saved weights alone (no pretrained file is read).
+    rebuilt = build_model(args_namespace(loss_names="sdm+id", pretrain_choice="/no/such/file"), 3, weights=state)
+    assert rebuilt.base_model.config == model.base_model.config
+    assert set(rebuilt.state_dict()) == set(state)
+    with pytest.raises(UserError, match="not an IRRA-style checkpoint"):
+        build_model(args_namespace(loss_names="sdm"), 3, weights={"foo.weight": torch.zeros(1)})
+    # A namespace saved by IRRA itself: no model / from_scratch / precision; a checkpoint path loads its weights.
     path = tmp_path / "clip.pt"
     save_openai_checkpoint(model.base_model, path)
     old = args_namespace(pretrain_choice=str(path), loss_names="itc", vocab_size=VOCAB)
     del old.from_scratch, old.precision
     loaded = build_model(old)
-    assert loaded.base_model.dtype == torch.float32  # device cpu -> no fp16 cast
+    assert loaded.base_model.dtype == torch.float32
     assert torch.equal(loaded.base_model.text_projection, model.base_model.text_projection)
 
 
-def test_build_model_fp16_runs_on_cpu():
-    model = build_model(args_namespace(precision="fp16", loss_names="sdm+mlm+id", vocab_size=VOCAB), num_classes=5,
-                        clip_config=CFG)
+def test_fp16_weights_run_on_cpu():
+    from model import convert_weights_to_fp16
+
+    model = convert_weights_to_fp16(make_irra())
     params = dict(model.named_parameters())
     assert params["classifier.weight"].dtype == torch.float16
     assert params["cross_attn.in_proj_weight"].dtype == torch.float16
     assert params["mlm_head.fc.weight"].dtype == torch.float16
     assert params["ln_post.weight"].dtype == params["mlm_head.ln.weight"].dtype == torch.float32
     assert params["base_model.ln_final.weight"].dtype == torch.float32
-    out = model(make_batch())
+    batch = make_batch()
+    out = IRRACriterion(ALL_LOSSES)(model(batch), batch)
     assert all(v.dtype == torch.float32 and torch.isfinite(v).all() for v in out.values())
     sum(v for k, v in out.items() if k.endswith("_loss")).backward()
 
@@ -251,7 +289,7 @@ def test_masked_caption_is_encoded_once_with_identical_losses_and_gradients():
     batch["caption_ids"] = batch["mlm_ids"].clone()  # what the faithful data pipeline produces
 
     def losses_and_grads(model):
-        out = model(batch)
+        out = IRRACriterion(ALL_LOSSES)(model(batch), batch)
         total = sum(v for k, v in out.items() if k.endswith("_loss"))
         total.backward()
         return out, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}

@@ -6,6 +6,7 @@ from torch.utils.data import DataLoader
 
 from datasets import (ImageTextDataset, MaskingConfig, TextDataset, build_transforms, mask_tokens, tokenize,
                       tokenize_captions)
+from datasets.resumable import EpochSampler, SampleKey, SeededSamples
 from utils.errors import UserError
 from utils.simple_tokenizer import SimpleTokenizer
 
@@ -150,11 +151,12 @@ def pairs(tmp_path):
 
 def test_caption_and_mlm_relation(pairs, tokenizer):
     clean = tokenize(pairs[0][3], tokenizer, 32)
-    faithful = ImageTextDataset(pairs, text_length=32, tokenizer=tokenizer, masking=MaskingConfig(), seed=3)
-    separate = ImageTextDataset(pairs, text_length=32, tokenizer=tokenizer, masking=MaskingConfig(), seed=3,
-                                keep_caption_unmasked=True)
+    # the same (seed, epoch, index) gives the same draws, so the two views of one item can be compared
+    faithful = SeededSamples(ImageTextDataset(pairs, text_length=32, tokenizer=tokenizer, masking=MaskingConfig()), 3)
+    separate = SeededSamples(ImageTextDataset(pairs, text_length=32, tokenizer=tokenizer, masking=MaskingConfig(),
+                                              keep_caption_unmasked=True), 3)
     for i in range(len(pairs)):
-        a, b = faithful[i], separate[i]
+        a, b = faithful[SampleKey(1, i)], separate[SampleKey(1, i)]
         assert a["pids"] == i % 3 and a["image_ids"] == i
         assert torch.equal(a["caption_ids"], a["mlm_ids"])  # IRRA: caption masked in place
         assert torch.equal(b["caption_ids"], clean)
@@ -172,19 +174,43 @@ def test_text_dataset_items(tokenizer):
     assert pid == 5 and ids.tolist() == tokenize("red shorts", tokenizer, 12).tolist()
 
 
-def _masks(dataset, workers, seed):
-    loader = DataLoader(dataset, batch_size=4, num_workers=workers, generator=torch.Generator().manual_seed(seed))
+def _masks(dataset, workers, seed, epoch=1):
+    """The mlm_ids of every item of ``dataset`` in index order, read as the training loader reads them."""
+    sampler = EpochSampler(range(len(dataset)), batch_size=4)
+    sampler.set_epoch(epoch)
+    loader = DataLoader(SeededSamples(dataset, seed), batch_size=4, sampler=sampler, num_workers=workers,
+                        generator=torch.Generator().manual_seed(123 + workers))
     return torch.cat([batch["mlm_ids"] for batch in loader])
 
 
-def test_masking_streams_with_workers(pairs, tokenizer):
+def test_masking_depends_on_seed_epoch_and_index_only(pairs, tokenizer):
     dataset = ImageTextDataset(pairs, transform=build_transforms((16, 8), is_train=False), text_length=32,
                                tokenizer=tokenizer, masking=MaskingConfig(mlm_probability=0.5))
-    dataset[0]  # use it in the main process first: workers must not inherit this stream
-    first = _masks(dataset, 2, seed=5)
-    assert torch.equal(first, _masks(dataset, 2, seed=5))  # reproducible for a loader seed
-    assert not torch.equal(first, _masks(dataset, 2, seed=6))
-    # worker 0 reads batches 0 and 2, worker 1 batch 1: identical captions, different streams
+    torch.manual_seed(0)
+    dataset[0]  # draws from the global stream: must not change what the loader reads
+    first = _masks(dataset, 0, seed=5)
+    assert torch.equal(first, _masks(dataset, 2, seed=5))  # the same whoever reads it, and however many workers
+    assert not torch.equal(first, _masks(dataset, 0, seed=6))
+    assert not torch.equal(first, _masks(dataset, 0, seed=5, epoch=2))
+    # identical captions at different indices are masked differently
     assert not torch.equal(first[0:4], first[4:8])
-    main = _masks(dataset, 0, seed=5)
-    assert not torch.equal(main[0:4], first[0:4])
+    # reading an item does not move the global stream of the process that reads it
+    torch.manual_seed(1)
+    before = torch.rand(3)
+    torch.manual_seed(1)
+    SeededSamples(dataset, 5)[SampleKey(1, 0)]
+    assert torch.equal(torch.rand(3), before)
+
+
+def test_epoch_sampler_starts_at_an_iteration():
+    from datasets import ShardedRandomSampler
+
+    sampler = EpochSampler(ShardedRandomSampler(10, batch_size=4, seed=2), batch_size=4)
+    sampler.set_epoch(3)
+    whole = list(sampler)
+    assert len(whole) == len(sampler) == 10 and {key.epoch for key in whole} == {3}
+    assert sorted(key.index for key in whole) == list(range(10))
+    sampler.set_epoch(3, start_iteration=2)  # after 2 batches of 4: the last 2 indices of the same order
+    assert list(sampler) == whole[8:] and len(sampler) == 2
+    sampler.set_epoch(4)
+    assert [key.index for key in sampler] != [key.index for key in whole]

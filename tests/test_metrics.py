@@ -710,6 +710,7 @@ def test_evaluator_with_a_reranking_retrieval_object():
     evaluator = Evaluator(img_loader, txt_loader, rerank_topk=8, chunk_size=3)
     assert evaluator.eval(retriever, i2t_metric=True) == pytest.approx(100.0)
     assert evaluator.last_results["t2i"] == {"R1": 100.0, "R5": 100.0, "R10": 100.0, "mAP": 100.0, "mINP": 100.0}
+    assert evaluator.last_results["t2i-stage1"]["R1"] == pytest.approx(75.0)  # the first stage is reported too
     assert evaluator.last_results["i2t"]["R1"] == pytest.approx(75.0)  # i2t is never re-ranked
     # the gallery first, then the captions, then the re-ranking calls (3 chunks of captions)
     assert retriever.events == ["images"] * 3 + ["texts"] * 3 + ["rerank"] * 3
@@ -732,9 +733,30 @@ def test_evaluator_with_several_query_sets():
     q_pids = torch.tensor([0, 1, 2, 3, 0, 1, 2, 3])
     right = DataLoader(TensorDataset(q_pids, torch.stack([q_pids, q_pids], dim=1)), batch_size=3)
     evaluator = Evaluator(img_loader, {"en": txt_loader, "zh": right}, method="reference")
-    assert evaluator.eval(OneHotModel(num_ids)) == pytest.approx(75.0)  # the first query set
+    assert evaluator.eval(OneHotModel(num_ids)) == pytest.approx((75.0 + 100.0) / 2)  # the mean over query sets
     assert list(evaluator.last_results) == ["t2i-en", "t2i-zh"]
     assert evaluator.last_results["t2i-zh"]["R1"] == pytest.approx(100.0)
+
+
+def test_evaluator_gives_each_query_set_its_own_encoders():
+    """A retrieval object with for_query_set (e.g. one text projection per language): images encoded once."""
+    img_loader, txt_loader, num_ids = make_loaders()
+    q_pids = torch.tensor([0, 1, 2, 3, 0, 1, 2, 3])
+    right = DataLoader(TensorDataset(q_pids, torch.stack([q_pids, q_pids], dim=1)), batch_size=3)
+    calls = []
+
+    class PerLanguage(OneHotModel):
+        def for_query_set(self, name):
+            calls.append(name)
+            model = OneHotModel(self.num_ids)
+            if name == "zh":  # this language's "projection" always points at identity 0
+                model.encode_text = lambda ids: F.one_hot(torch.zeros_like(ids[:, 0]), self.num_ids).float()
+            return model
+
+    evaluator = Evaluator(img_loader, {"en": right, "zh": right}, wrap=lambda m: PerLanguage(num_ids))
+    evaluator.eval(torch.nn.Linear(1, 1))  # the module itself is only the source of the wrapped object
+    assert calls == ["en", "zh"] and evaluator.last_results["t2i-en"]["R1"] == pytest.approx(100.0)
+    assert evaluator.last_results["t2i-zh"]["R1"] == pytest.approx(25.0)  # only the identity-0 captions hit
     text_feats, _, q_ids, _ = evaluator.compute_embeddings(OneHotModel(num_ids), query_set="zh")
     assert torch.equal(text_feats.argmax(dim=1), q_ids)
     with pytest.raises(UserError, match="several query sets \\(en, zh\\)"):

@@ -9,14 +9,16 @@ import pytest
 import torch
 from torch import nn
 
-from model import build_model
-from model.build import IRRA
+import datasets  # noqa: F401  (registers the data options)
+from model import IRRA, build_criterion, build_model
 from model.clip_model import CLIP, CLIPConfig, CLIPTextCfg, CLIPVisionCfg
 from model.moe import MixtureOfAdapters, ResidualAdapter, load_balancing_loss
+from model.php import PHP_METHOD
 from model.php import (
     PHP,
     ExpertParsingTransformer,
     PartTokenMapping,
+    PHPCriterion,
     format_expert_load,
     php_loss_weights,
 )
@@ -225,10 +227,15 @@ def test_efp_matches_released_layer_semantics(mode):
 
 def make_php(losses=("sdm", "itc", "aux", "id"), seed=0, **kwargs):
     torch.manual_seed(seed)
-    options = dict(num_parts=3, num_experts=3, topk=2, reduction=4, moe_layers=2, moe_heads=2,
-                   loss_weights=php_loss_weights(0.5))
+    options = dict(num_parts=3, num_experts=3, topk=2, reduction=4, moe_layers=2, moe_heads=2)
     options.update(kwargs)
-    return PHP(CLIP(CFG, (32, 16), 8), num_classes=5, loss_names=losses, vocab_size=VOCAB, **options)
+    return PHP(CLIP(CFG, (32, 16), 8), num_classes=5, with_id="id" in losses, with_mlm="mlm" in losses,
+               vocab_size=VOCAB, **options)
+
+
+def php_step(model, batch, losses=("sdm", "itc", "aux", "id")):
+    """PHP's loss terms for one batch: the model's outputs through the criterion with the released weights."""
+    return PHPCriterion(losses, php_loss_weights(0.5))(model(batch), batch)
 
 
 def make_batch(seed=1, batch=4):
@@ -244,7 +251,8 @@ def test_features_losses_and_weights():
     model = make_php().eval()
     batch = make_batch()
     with torch.no_grad():
-        out = model(batch)
+        outputs = model(batch)
+        out = php_step(model, batch)
         image_tokens = model.base_model.encode_image(batch["images"])
         text_tokens = model.base_model.encode_text(batch["caption_ids"])
         img_parts, img_aux = model.shared_transformer(model.safl(image_tokens[:, 1:]))
@@ -256,6 +264,8 @@ def test_features_losses_and_weights():
         torch.testing.assert_close(out["itc_loss"], 5 * objectives.compute_itc(img, txt, 50.0))
         torch.testing.assert_close(out["sdm_loss"], objectives.compute_sdm(img, txt, batch["pids"], 50.0))
         torch.testing.assert_close(out["aux_loss"], 0.5 * (img_aux + txt_aux))
+        torch.testing.assert_close(outputs["image_aux"], img_aux)
+        torch.testing.assert_close(outputs["text_aux"], txt_aux)
         logits_i, logits_t = model.classifier(img), model.classifier(txt)
         torch.testing.assert_close(out["id_loss"], objectives.compute_id(logits_i, logits_t, batch["pids"]))
     assert php_loss_weights(0.5, id_weight=2.0, mlm_weight=3.0) == {
@@ -269,7 +279,7 @@ def test_training_step_with_mlm_reaches_every_module():
     batch["mlm_labels"] = torch.zeros_like(batch["caption_ids"])
     batch["mlm_labels"][:, 2] = batch["caption_ids"][:, 2]
     batch["mlm_ids"][:, 2] = VOCAB - 3
-    out = model(batch)
+    out = php_step(model, batch, ("sdm", "mlm", "aux"))
     assert set(out) == {"temperature", "sdm_loss", "mlm_loss", "mlm_acc", "aux_loss"}
     sum(v for k, v in out.items() if k.endswith("_loss")).backward()
     for name in ("safl.part_tokens", "safl.feed.4.weight", "shared_transformer.resblocks.1.attn.in_proj_weight",
@@ -360,7 +370,8 @@ def test_released_layout_loads_strictly():
     assert own == set(state) - {"safl.pos_embeding"}
     with pytest.raises(UserError, match="unexpected key.*safl.pos_embeding"):
         load_model_state(model, state, "released.pth")
-    load_model_state(model, state, "released.pth", ignore_unexpected=model.ignored_checkpoint_prefixes)
+    ignored = PHP_METHOD.ignored_checkpoint_keys
+    load_model_state(model, state, "released.pth", ignore_unexpected=ignored)
     loaded = model.state_dict()
     for key in ("safl.part_tokens", "shared_transformer.resblocks.1.feed_forward.alpha",
                 "shared_transformer.resblocks.0.feed_forward.experts.2.up.weight"):
@@ -368,7 +379,9 @@ def test_released_layout_loads_strictly():
     broken = dict(state)
     del broken["shared_transformer.resblocks.1.comb_param"]
     with pytest.raises(UserError, match="missing key.*resblocks.1.comb_param"):
-        load_model_state(model, broken, "released.pth", ignore_unexpected=model.ignored_checkpoint_prefixes)
+        load_model_state(model, broken, "released.pth", ignore_unexpected=ignored)
+    assert PHP_METHOD.recognise_checkpoint(state) and not PHP_METHOD.recognise_checkpoint(
+        {k: v for k, v in state.items() if k.startswith("base_model.")})
 
 
 def test_save_load_round_trip(tmp_path):
@@ -398,20 +411,26 @@ def args_namespace(**overrides):
 
 
 def test_build_model_dispatch():
-    model = build_model(args_namespace(), num_classes=5, clip_config=CFG)
-    assert type(model) is PHP and model.loss_weights["aux"] == 0.25 and model.loss_weights["itc"] == 5.0
+    args = args_namespace()
+    model = build_model(args, num_classes=5)
+    criterion = build_criterion(args)
+    assert type(model) is PHP and type(criterion) is PHPCriterion
+    assert criterion.aux_weight == 0.25 and criterion.weights["itc"] == 5.0
     assert model.safl.num_parts == 3 and len(model.shared_transformer.resblocks) == 2
     old = args_namespace(loss_names="sdm")
     del old.model  # IRRA's own configs have no `model`
-    assert type(build_model(old, num_classes=5, clip_config=CFG)) is IRRA
+    assert type(build_model(old, num_classes=5)) is IRRA
     with pytest.raises(UserError, match="--model 'foo'"):
-        build_model(args_namespace(model="foo"), clip_config=CFG)
+        build_model(args_namespace(model="foo"))
 
 
 @pytest.mark.parametrize("precision", ["fp16", "amp"])
 def test_reduced_precision_runs(precision):
-    args = args_namespace(precision="fp16" if precision == "fp16" else "fp32")
-    model = build_model(args, num_classes=5, clip_config=CFG).train()
+    from model import convert_weights_to_fp16
+
+    model = build_model(args_namespace(), num_classes=5).train()
+    if precision == "fp16":
+        convert_weights_to_fp16(model)
     params = dict(model.named_parameters())
     if precision == "fp16":
         assert params["safl.feed.1.weight"].dtype == torch.float16
@@ -420,7 +439,7 @@ def test_reduced_precision_runs(precision):
             == torch.float32
     context = torch.autocast("cpu", dtype=torch.bfloat16) if precision == "amp" else torch.autocast("cpu", enabled=False)
     with context:
-        out = model(make_batch())
+        out = php_step(model, make_batch(), ("sdm", "itc", "aux"))
     assert all(v.dtype == torch.float32 and torch.isfinite(v).all() for v in out.values())
     sum(v for k, v in out.items() if k.endswith("_loss")).backward()
     assert params["shared_transformer.resblocks.0.feed_forward.input_gate.weight"].grad is not None
@@ -429,8 +448,11 @@ def test_reduced_precision_runs(precision):
 def test_lr_rules():
     from solver.build import build_optimizer
 
-    model = build_model(args_namespace(loss_names="sdm+aux+id"), num_classes=5, clip_config=CFG)
-    optimizer = build_optimizer(args_namespace(), model)
+    from model import get_method
+
+    model = build_model(args_namespace(loss_names="sdm+aux+id"), num_classes=5)
+    rules = get_method("php").lr_rules
+    optimizer = build_optimizer(args_namespace(), model, rules(args_namespace()))
     rates = {g["name"]: g["lr"] for g in optimizer.param_groups}
     block = "shared_transformer.resblocks.0."
     expected = {
@@ -443,8 +465,8 @@ def test_lr_rules():
     for name, lr in expected.items():
         assert rates[name] == pytest.approx(lr), name
     # Both factors at 1 (the recipes): exactly the released solver's rates, which ignore the two flags.
-    plain = {g["name"]: g["lr"] for g in build_optimizer(
-        args_namespace(moe_lr_factor=1.0, transformer_lr_factor=1.0), model).param_groups}
+    plain_args = args_namespace(moe_lr_factor=1.0, transformer_lr_factor=1.0)
+    plain = {g["name"]: g["lr"] for g in build_optimizer(plain_args, model, rules(plain_args)).param_groups}
     assert all(lr == pytest.approx(2e-5 if "bias" in n else 5e-5 if "classifier" in n else 1e-5)
                for n, lr in plain.items())
 
@@ -455,13 +477,19 @@ def test_lr_rules():
     (dict(reduction=32), "--reduction 32 leaves no expert bottleneck"),
     (dict(num_parts=0), "must be positive"),
     (dict(efp_attention="sample"), "--efp_attention 'sample'"),
-    (dict(losses=("aux",)), "PHP needs at least one of"),
-    (dict(losses=("sdm", "foo")), "unknown: \\['foo'\\]"),
 ])
 def test_bad_php_options(kwargs, message):
-    losses = kwargs.pop("losses", ("sdm", "aux"))
     with pytest.raises(UserError, match=message):
-        make_php(losses, **kwargs)
+        make_php(("sdm", "aux"), **kwargs)
+
+
+@pytest.mark.parametrize("losses, message", [
+    (("aux",), "PHP needs at least one of"),
+    (("sdm", "foo"), "unknown: \\['foo'\\]"),
+])
+def test_bad_php_losses(losses, message):
+    with pytest.raises(UserError, match=message):
+        PHPCriterion(losses)
 
 
 def test_php_command_line():
@@ -480,7 +508,7 @@ def test_php_command_line():
         get_args(["--loss_names", "sdm+aux"])  # irra has no aux
     with pytest.raises(UserError, match="--aux_factor"):
         get_args(["--model", "php", "--loss_names", "sdm+aux", "--aux_factor", "-1"])
-    with pytest.raises(SystemExit):
+    with pytest.raises(UserError, match="--efp_attention: invalid choice: 'sample'"):
         get_args(["--model", "php", "--efp_attention", "sample"])
 
 

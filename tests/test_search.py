@@ -12,11 +12,11 @@ from PIL import Image
 import search
 import train as train_entry
 from datasets import build_dataset, build_transforms, read_image, tokenize
-from model.build import IRRA
-from utils.gallery import cache_path, load_gallery, load_split
-from utils.run_loading import load_run_model, open_run
+from model import IRRA
+from processor.gallery import cache_path, load_gallery, load_split
+from processor.run_loading import load_run_model, open_run
 from utils.simple_tokenizer import SimpleTokenizer
-from utils.visualization import quote, ranking_size
+from processor.visualization import quote, ranking_size
 
 QUERIES = ("a woman in a red coat with a black backpack", "A man wears a blue jacket and grey shorts.")
 
@@ -168,6 +168,26 @@ def test_damaged_cache_is_rebuilt(tiny_run, tmp_path, count_image_encodings):
     assert torch.equal(torch.load(cache, weights_only=True)["feats"], gallery.feats)
 
 
+@pytest.mark.parametrize("fault", ["nan", "wrong width", "one row short"])
+def test_cache_with_a_valid_key_but_bad_features_is_rebuilt(tiny_run, tmp_path, count_image_encodings, caplog, fault):
+    config, data = tiny_run
+    config = copy_run(config, tmp_path / "run")
+    good = open_gallery(config, data)
+    cache = cache_path(open_run(config, root_dir=data, device="cpu"), "test")
+    saved = torch.load(cache, weights_only=True)
+    if fault == "nan":
+        saved["feats"][3, 0] = float("nan")
+    elif fault == "wrong width":
+        saved["feats"] = torch.cat([saved["feats"], saved["feats"]], dim=1)
+    else:
+        saved["feats"] = saved["feats"][1:]
+    torch.save(saved, cache)  # the key is still the current one
+    rebuilt = open_gallery(config, data)
+    assert not rebuilt.from_cache and count_image_encodings["images"] == 24
+    assert torch.equal(rebuilt.feats, good.feats) and "re-encoding" in caplog.text
+    assert open_gallery(config, data).from_cache  # the rebuilt cache is used again
+
+
 def test_pictures_are_pngs_of_the_laid_out_size(tiny_run, tmp_path, capsys, caplog):
     config, data = tiny_run
     queries_file = tmp_path / "queries.txt"
@@ -194,12 +214,23 @@ def test_pictures_are_pngs_of_the_laid_out_size(tiny_run, tmp_path, capsys, capl
     assert ranking_size("q", wide)[0] > ranking_size("q", search.hit_groups(results[0]))[0]
 
 
-def test_default_picture_goes_to_the_run_folder(tiny_run, tmp_path):
+def test_default_pictures_go_to_the_run_folder_one_file_per_query(tiny_run, tmp_path, capsys):
     config, data = tiny_run
     config = copy_run(config, tmp_path / "run")
-    assert search.main(search_argv(config, data, "--query", QUERIES[0], "--topk", "2")) == 0
-    with Image.open(tmp_path / "run" / "search.png") as img:
-        assert img.format == "PNG" and img.width > 500
+    chinese = "穿红色外套、背黑色双肩包的女人"
+    long_query = "a man " + "in a very long blue coat " * 20
+    for query in (QUERIES[0], QUERIES[1], chinese, long_query):
+        assert search.main(search_argv(config, data, "--query", query, "--topk", "2")) == 0
+    pictures = sorted(os.listdir(tmp_path / "run" / "search"))
+    assert len(pictures) == 4  # nothing overwritten
+    assert "a-woman-in-a-red-coat-with-a-black-backp-" + search.query_slug(QUERIES[0])[-8:] + ".png" in pictures
+    assert search.query_slug(chinese).startswith("query-") and len(search.query_slug(long_query)) <= 49
+    assert all(name.isascii() and len(name) < 60 for name in pictures)
+    printed = capsys.readouterr().out
+    for name in pictures:
+        assert f"picture: {tmp_path / 'run' / 'search' / name}" in printed
+        with Image.open(tmp_path / "run" / "search" / name) as img:
+            assert img.format == "PNG" and img.width > 500
 
 
 @pytest.mark.parametrize("extra, message", [

@@ -4,6 +4,8 @@ import pytest
 import torch
 from torch import nn
 
+import datasets  # noqa: F401  (registers the data options get_args needs)
+import model  # noqa: F401  (registers the methods)
 from solver import LRSchedulerWithWarmup, make_optimizer, make_param_groups
 from solver.build import build_lr_scheduler, build_optimizer, irra_lr_rules
 from utils.errors import UserError
@@ -72,8 +74,16 @@ def test_scheduler_rejects_bad_settings():
         LRSchedulerWithWarmup(one_param_optimizer(), milestones=(50, 20))
     with pytest.raises(UserError, match="lrscheduler"):
         LRSchedulerWithWarmup(one_param_optimizer(), mode="triangle")
-    with pytest.raises(UserError, match="warmup_epochs"):
-        LRSchedulerWithWarmup(one_param_optimizer(), mode="cosine", warmup_epochs=10, total_epochs=10)
+
+
+@pytest.mark.parametrize("total", [3, 5])
+def test_a_run_no_longer_than_its_warmup_stays_in_warmup(total):
+    """IRRA accepts --num_epoch <= --warmup_epochs; every epoch then uses a warmup rate."""
+    sched = LRSchedulerWithWarmup(one_param_optimizer(1.0), mode="cosine", warmup_factor=0.1, warmup_epochs=5,
+                                  warmup_method="linear", total_epochs=total)
+    got = epoch_lrs(sched, total)
+    assert got == pytest.approx([0.1 + 0.9 * e / 5 for e in range(total)])
+    assert sched.get_last_lr()[0] <= 1.0  # the step after the last epoch computes a finite rate
 
 
 class Named(nn.Module):
@@ -114,3 +124,61 @@ def test_optimizers_and_adapters():
     assert isinstance(make_optimizer(groups, "SGD", 1.0), torch.optim.SGD)
     with pytest.raises(UserError, match="optimizer"):
         make_optimizer(groups, "Lion", 1.0)
+
+
+def test_cosine_with_a_target_lr_decays_to_it():
+    base, target, warm, total = 1e-4, 1e-6, 2, 12
+    sched = LRSchedulerWithWarmup(one_param_optimizer(base), mode="cosine", warmup_factor=0.5, warmup_epochs=warm,
+                                  warmup_method="linear", total_epochs=total, target_lr=target)
+    got = epoch_lrs(sched, total + 1)
+    assert got[warm] == pytest.approx(base)                      # the cosine starts at the base rate
+    middle = warm + (total - warm) // 2                            # half way: the mean of base and target
+    assert got[middle] == pytest.approx((base + target) / 2)
+    assert got[total] == pytest.approx(target)                   # last_epoch == total: r = 1
+    # Hand value three epochs into the cosine: target + (base - target) * (1 + cos(pi * 3/10)) / 2.
+    assert got[warm + 3] == pytest.approx(1e-6 + 99e-6 * (1 + 0.5877852522924731) / 2, rel=1e-9)
+
+
+def test_build_optimizer_gives_rates_and_decay_per_parameter():
+    args = get_args(["--optimizer", "AdamW", "--lr", "0.01", "--lr_factor", "3", "--bias_lr_factor", "2",
+                     "--weight_decay", "0.05", "--weight_decay_bias", "0.001", "--MLM"])
+    model = Named()
+    groups = {g["name"]: g for g in build_optimizer(args, model).param_groups}
+    assert groups["base.weight"]["weight_decay"] == 0.05 and groups["base.weight"]["lr"] == pytest.approx(0.01)
+    assert groups["base.bias"]["weight_decay"] == 0.001 and groups["base.bias"]["lr"] == pytest.approx(0.02)
+    assert groups["cross_attn.weight"]["lr"] == pytest.approx(0.03)
+    assert groups["classifier.bias"]["weight_decay"] == 0.001 and groups["classifier.bias"]["lr"] == pytest.approx(0.03)
+    assert "frozen.weight" not in groups
+
+
+def test_timm_cosine_is_timms_schedule_per_epoch():
+    """IVT's schedule: timm's CosineLRScheduler (t_initial 120, warmup 5 from 5e-5, floor 1e-5), epoch e at t = e."""
+    from timm.scheduler import CosineLRScheduler
+
+    from solver.lr_scheduler import TimmCosineSchedule
+
+    model = Named()
+    args = get_args(["--optimizer", "SGD", "--lr", "0.005", "--lrscheduler", "timm_cosine", "--num_epoch", "120",
+                     "--warmup_epochs", "5", "--warmup_factor", "0.01", "--target_lr", "1e-5", "--loss_names", "sdm"])
+    optimizer = build_optimizer(args, model, rules=[(("bias",), 2.0)])
+    schedule = build_lr_scheduler(args, optimizer)
+    assert isinstance(schedule, TimmCosineSchedule)
+    reference_opt = torch.optim.SGD([{"params": [nn.Parameter(torch.zeros(1))], "lr": 0.005},
+                                     {"params": [nn.Parameter(torch.zeros(1))], "lr": 0.01}], lr=0.005)
+    reference = CosineLRScheduler(reference_opt, t_initial=120, lr_min=1e-5, warmup_t=5, warmup_lr_init=5e-5,
+                                  cycle_limit=1, t_in_epochs=True)
+    weight_lrs, bias_lrs = [], []
+    for epoch in range(1, 121):
+        rates = {g["name"]: g["lr"] for g in optimizer.param_groups}
+        weight_lrs.append(rates["base.weight"])
+        bias_lrs.append(rates["base.bias"])
+        reference.step(epoch)
+        assert rates["base.weight"] == pytest.approx(reference_opt.param_groups[0]["lr"]), epoch
+        assert rates["base.bias"] == pytest.approx(reference_opt.param_groups[1]["lr"]), epoch
+        schedule.step()
+    assert weight_lrs[0] == pytest.approx(5e-5 + (0.005 - 5e-5) / 5)   # warmup from 5e-5, t = 1
+    assert weight_lrs[5] == pytest.approx(1e-5 + 0.5 * (0.005 - 1e-5) * (1 + math.cos(math.pi * 6 / 120)))
+    state = schedule.state_dict()
+    resumed = build_lr_scheduler(args, build_optimizer(args, Named(), rules=[(("bias",), 2.0)]))
+    resumed.load_state_dict(state)
+    assert resumed.get_last_lr()[0] == pytest.approx(schedule.get_last_lr()[0])

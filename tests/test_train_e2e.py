@@ -58,22 +58,58 @@ def test_train_then_test_then_resume(data_root, tmp_path):
                                                     "--device", "cpu"]))
     t2i = results["t2i"]
     assert set(t2i) >= {"R1", "R5", "R10", "mAP", "mINP"}
-    assert 0 <= t2i["R1"] <= t2i["R5"] <= t2i["R10"] <= 100
+    assert t2i == pytest.approx(brute_force_metrics(os.path.join(run_dir, "configs.yaml")), abs=1e-3)
     test_log = open(os.path.join(run_dir, "test_log.txt")).read()
     assert re.search(r"\| t2i\s+\|\s+[\d.]+\s+\|", test_log)
     best = torch.load(os.path.join(run_dir, "best.pth"), weights_only=True)
     assert f"{best['best_top1']:.3f}" in open(os.path.join(run_dir, "train_log.txt")).read()
 
-    # Resume continues from the saved epoch with the saved optimizer and scheduler.
-    resume_out = str(tmp_path / "resumed")
-    assert train_entry.main(args[:args.index("--output_dir")] + ["--output_dir", resume_out] +
-                            args[args.index("--output_dir") + 2:args.index("--num_epoch")] +
-                            ["--num_epoch", "3", "--resume", "--resume_ckpt_file",
-                             os.path.join(run_dir, "last.pth")] + args[args.index("--num_epoch") + 2:]) == 0
-    [resumed] = run_dirs(resume_out)
-    assert epochs_in_log(os.path.join(resumed, "train_log.txt")) == [3]
-    assert "continuing at epoch 3" in open(os.path.join(resumed, "train_log.txt")).read()
-    assert torch.load(os.path.join(resumed, "last.pth"), weights_only=True)["epoch"] == 3
+    # Resume continues in the same run folder from the saved epoch with the saved optimizer and scheduler.
+    best_before = open(os.path.join(run_dir, "best.pth"), "rb").read()
+    assert train_entry.main(args[:args.index("--num_epoch")] + ["--num_epoch", "3", "--resume", "--resume_ckpt_file",
+                            os.path.join(run_dir, "last.pth")] + args[args.index("--num_epoch") + 2:]) == 0
+    assert run_dirs(out) == [run_dir]
+    log = open(os.path.join(run_dir, "train_log.txt")).read()
+    assert epochs_in_log(os.path.join(run_dir, "train_log.txt")) == [1, 2, 3]
+    assert "continuing after the end of epoch 2" in log and log.index("Epoch 2 done") < log.index("Epoch[3]")
+    after = torch.load(os.path.join(run_dir, "last.pth"), weights_only=True)
+    assert after["epoch"] == 3
+    # The optimizer and scheduler states came back: Adam's step counts and the schedule continue from epoch 2.
+    steps = {int(state["step"]) for state in last["optimizer"]["state"].values()}
+    steps_after = {int(state["step"]) for state in after["optimizer"]["state"].values()}
+    assert len(steps) == 1 and steps_after == {steps.pop() * 3 // 2}
+    assert last["scheduler"]["last_epoch"] == 2 and after["scheduler"]["last_epoch"] == 3
+    best_after = torch.load(os.path.join(run_dir, "best.pth"), weights_only=True)
+    assert best_after["best_epoch"] in (best["best_epoch"], 3)  # best.pth is updated in the same folder
+    assert (best_after["best_epoch"] == 3) == (open(os.path.join(run_dir, "best.pth"), "rb").read() != best_before)
+
+
+def brute_force_metrics(config_file):
+    """R1/R5/R10/mAP/mINP of a run's best.pth computed here from its features, one query at a time."""
+    from datasets import build_dataloader, build_dataset
+    from processor.run_loading import load_run_model, open_run
+
+    handle = open_run(config_file, device="cpu")
+    model = load_run_model(handle)
+    split = build_dataset(handle.args.dataset_name, handle.args.root_dir, verbose=False).test
+    _, img_loader, txt_loader, _ = build_dataloader(handle.args)
+    with torch.no_grad():
+        image_feats = torch.cat([model.encode_image(images) for _, images in img_loader])
+        text_feats = torch.cat([model.encode_text(ids) for _, ids in txt_loader])
+    sims = torch.nn.functional.normalize(text_feats, dim=1) @ torch.nn.functional.normalize(image_feats, dim=1).t()
+    g_pids = split["image_pids"]
+    hits = {1: 0, 5: 0, 10: 0}
+    aps, inps = [], []
+    for q, row in enumerate(sims.tolist()):
+        order = sorted(range(len(row)), key=lambda j: (-row[j], j))
+        ranks = [r for r, j in enumerate(order, start=1) if g_pids[j] == split["caption_pids"][q]]
+        for k in hits:
+            hits[k] += ranks[0] <= k
+        aps.append(sum(m / r for m, r in enumerate(ranks, start=1)) / len(ranks))
+        inps.append(len(ranks) / ranks[-1])
+    n = len(aps)
+    return {"R1": 100 * hits[1] / n, "R5": 100 * hits[5] / n, "R10": 100 * hits[10] / n,
+            "mAP": 100 * sum(aps) / n, "mINP": 100 * sum(inps) / n}
 
 
 def test_irra_style_config_evaluates(data_root, tmp_path):

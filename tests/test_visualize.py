@@ -9,10 +9,10 @@ from PIL import Image
 
 import visualize
 from test_search import copy_run, direct_scores, search_argv, tiny_run  # noqa: F401  (tiny_run is a fixture)
-from utils.gallery import load_gallery, load_split
+from processor.gallery import load_gallery, load_split
 from utils.metrics import rank
-from utils.run_loading import load_run_model, open_run
-from utils.visualization import OTHER_COLOUR, SAME_COLOUR, quote, ranking_size
+from processor.run_loading import load_run_model, open_run
+from processor.visualization import OTHER_COLOUR, SAME_COLOUR, quote, ranking_size
 
 
 def colour_pixels(img, colour, tolerance=40):
@@ -132,3 +132,28 @@ def test_default_folder_is_in_the_run(tiny_run, tmp_path):
     config = copy_run(config, tmp_path / "run")
     assert visualize.main(search_argv(config, data, "--query_index", "2")) == 0
     assert os.path.isfile(tmp_path / "run" / "visualize" / "caption_2.png")
+
+
+def test_chinese_text_wraps_by_width_and_asks_for_a_cjk_font(tmp_path, caplog, monkeypatch):
+    from processor import visualization
+    from utils import fonts
+
+    monkeypatch.setattr(fonts, "_warned", False)  # the warning comes once per process: earlier tests may have had it
+
+    text = "穿红色外套、背着黑色双肩包的年轻女子走在路上" * 3
+    lines = visualization._wrap(text, 3.0, 14)  # 3 inches at 14 pt: about 29 narrow units, 14 Chinese characters
+    assert "".join(lines) == text and len(lines) > 2
+    assert all(sum(2 if visualization.is_full_width(c) else 1 for c in line) <= 29 for line in lines)
+    assert visualization._wrap("a man in a blue coat", 3.0, 14) == ["a man in a blue coat"]
+    image = tmp_path / "person.png"
+    from PIL import Image
+
+    Image.new("RGB", (16, 32), (200, 10, 10)).save(image)
+    group = visualization.TileGroup("前 1 名", [visualization.Tile(str(image), "#1  0.900\nid 3")])
+    with caplog.at_level("WARNING"):
+        size = visualization.draw_ranking(str(tmp_path / "zh.png"), text, [group])
+    assert size == visualization.ranking_size(text, [group])
+    from utils.fonts import find_cjk_font
+
+    if find_cjk_font() is None:
+        assert "fonts-noto-cjk" in caplog.text

@@ -26,7 +26,7 @@ if __package__ in (None, ""):  # run as `python tools/plot_curves.py`: make the 
 
 from utils.entry import run_main  # noqa: E402
 from utils.errors import UserError  # noqa: E402
-from utils.visualization import check_picture_path  # noqa: E402
+from processor.visualization import check_picture_path  # noqa: E402
 
 logger = logging.getLogger(__name__)
 
@@ -141,7 +141,7 @@ def _empty(ax, message: str) -> None:
 
 def _finish(ax, title: str, ylabel: str, epochs: tuple[int, int]) -> None:
     """Title, labels, grid and legend; the x axis spans the logged ``epochs`` (first, last) with whole ticks."""
-    from matplotlib.ticker import MaxNLocator
+    from matplotlib.ticker import MaxNLocator  # matplotlib is imported only when a picture is drawn
 
     ax.set_title(title, fontsize=13, loc="left")
     ax.set_xlabel("epoch", fontsize=11)
@@ -212,6 +212,7 @@ def _plot_validation(ax, log: TrainingLog, span: tuple[int, int]) -> None:
 
 def plot_curves(log: TrainingLog, out_path: str, title: str = "") -> tuple[int, int]:
     """Draw the four panels of ``log`` into the PNG ``out_path``; returns its ``(width, height)`` in pixels."""
+    # matplotlib takes about a second to import: parsing a log (and --help) does not pay for it.
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 

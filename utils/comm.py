@@ -14,13 +14,16 @@ import datetime
 import inspect
 import logging
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Callable, TypeVar
 
 import torch
 import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
 
-from utils.errors import UserError
+from utils.errors import PeerError, UserError
 
 logger = logging.getLogger(__name__)
 
@@ -137,8 +140,8 @@ def run_on_main(fn: Callable[[], T]) -> T:
     """Call ``fn`` on rank 0 only while the other ranks wait; every rank returns rank 0's (picklable) result.
 
     This is the single collective of a rank-0-only phase (making the run folder, evaluating). When ``fn``
-    fails, rank 0 re-raises and the other ranks raise too, instead of waiting for a peer that has stopped:
-    a :class:`UserError` with rank 0's message, or a RuntimeError pointing to rank 0's traceback.
+    fails, rank 0 re-raises and the other ranks raise :class:`PeerError` (rank 0 reports the failure; they
+    stay silent) instead of waiting for a peer that has stopped.
     """
     if get_world_size() == 1:
         return fn()
@@ -156,10 +159,106 @@ def run_on_main(fn: Callable[[], T]) -> T:
     if failure is not None:
         raise failure
     if status == "user":
-        raise UserError(f"rank 0 stopped: {value}")
+        raise PeerError(f"rank 0 stopped: {value}")
     if status == "bug":
-        raise RuntimeError(f"rank 0 failed with {value} (its traceback is in rank 0's output)")
+        raise PeerError(f"rank 0 failed with {value} (its traceback is in rank 0's output)", exit_code=1)
     return value
+
+
+def run_agreed(fn: Callable[[], T]) -> T:
+    """Call ``fn`` on every rank, then agree on the outcome: when it failed anywhere, every rank stops.
+
+    The lowest rank that failed re-raises its own error (and reports it); the others raise :class:`PeerError`,
+    so a failure that every rank meets alike (a missing file) is reported once, and one that a single rank
+    meets stops its peers instead of leaving them in the next collective. ``fn`` must not run collectives.
+    """
+    if get_world_size() == 1:
+        return fn()
+    failure: BaseException | None = None
+    try:
+        result = fn()
+    except Exception as err:
+        failure = err
+    outcome = None if failure is None else ("user" if isinstance(failure, UserError) else "bug", str(failure))
+    outcomes = all_gather_objects(outcome)
+    failed = [rank for rank, item in enumerate(outcomes) if item is not None]
+    if not failed:
+        return result
+    if failure is not None and get_rank() == failed[0]:
+        raise failure
+    kind, message = outcomes[failed[0]]
+    raise PeerError(f"rank {failed[0]} stopped: {message}", exit_code=2 if kind == "user" else 1)
+
+
+def all_gather_objects(obj: object) -> list:
+    """``obj`` of every rank, in rank order (``[obj]`` in one process); a collective."""
+    if get_world_size() == 1:
+        return [obj]
+    gathered: list = [None] * get_world_size()
+    dist.all_gather_object(gathered, obj)
+    return gathered
+
+
+# Messages of gloo when the process at the other end of a connection has gone.
+_PEER_LOSS = ("Connection reset by peer", "Connection closed by peer", "Broken pipe")
+
+
+def lost_peer(err: BaseException) -> bool:
+    """Whether ``err`` says that another process of the job has gone (it failed and reports why itself)."""
+    if get_world_size() == 1:
+        return False
+    network_error = getattr(dist, "DistNetworkError", None)
+    if network_error is not None and isinstance(err, network_error):
+        return True
+    return isinstance(err, RuntimeError) and any(marker in str(err) for marker in _PEER_LOSS)
+
+
+@contextmanager
+def silence_lost_peers() -> Iterator[None]:
+    """Within the block, an error saying that another process of the job has gone (:func:`lost_peer`) becomes a
+    silent :class:`PeerError`: the process that failed reports why, once."""
+    try:
+        yield
+    except Exception as err:
+        if lost_peer(err):
+            raise PeerError(f"another process of the job failed ({err})", exit_code=1) from err
+        raise
+
+
+class StopVote:
+    """All ranks agree to stop at the same iteration when any of them was asked to.
+
+    :meth:`poll` is called once per iteration by every rank with the signal this rank received (0: none) and
+    returns the signal to stop for (0: go on). In one process that is the local signal. With several, each poll
+    starts an all-reduce (max) of the local signal on a CPU (gloo) group and reads the one started by the
+    previous poll: a request reaches every rank one iteration later, every rank sees it at the same poll, and
+    no step waits for the device.
+    """
+
+    def __init__(self) -> None:
+        self._group = None
+        self._pending: tuple | None = None
+        if get_world_size() > 1 and dist.get_backend() != "gloo":
+            self._group = dist.new_group(backend="gloo")
+
+    def poll(self, signum: int) -> int:
+        if get_world_size() == 1:
+            return signum
+        if self._pending is not None:
+            work, vote = self._pending
+            self._pending = None
+            work.wait()
+            if int(vote.item()) > 0:
+                return int(vote.item())
+        vote = torch.tensor([int(signum)], dtype=torch.int32)
+        self._pending = (dist.all_reduce(vote, op=dist.ReduceOp.MAX, group=self._group, async_op=True), vote)
+        return 0
+
+    def close(self) -> None:
+        """Finish the vote still under way (every rank calls this at the same point)."""
+        if self._pending is not None:
+            self._pending[0].wait()
+            self._pending = None
 
 
 def shutdown() -> None:
@@ -186,7 +285,6 @@ def wrap_ddp(model: torch.nn.Module, env: DistEnv) -> torch.nn.Module:
     """
     if not env.distributed:
         return model
-    from torch.nn.parallel import DistributedDataParallel
 
     options: dict = {"device_ids": [env.device.index] if env.device.type == "cuda" else None,
                      "find_unused_parameters": False}

@@ -1,4 +1,4 @@
-"""Reading and writing run configurations (``configs.yaml``) and images.
+"""Reading and writing run configurations (``configs.yaml``).
 
 ``configs.yaml`` is written with plain YAML types only (tuples become lists), and read with a safe loader
 that also understands the one Python-specific tag IRRA's own files contain (``!!python/tuple`` for
@@ -76,8 +76,9 @@ def load_train_configs(path: str) -> EasyDict:
     return EasyDict(read_yaml(path))
 
 
-def read_image(img_path: str):
-    """Read an image as RGB; a missing or unreadable file is a :class:`UserError` (see ``datasets.bases``)."""
-    from datasets.bases import read_image as _read_image
 
-    return _read_image(img_path)
+def default_cache_dir() -> str:
+    """Where this project keeps files it can rebuild (small tokenizers built from captions, caches):
+    ``$XDG_CACHE_HOME/text-person-retrieval`` or ``~/.cache/text-person-retrieval``."""
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "text-person-retrieval")

@@ -133,6 +133,8 @@ class Evaluator:
         chunk_size: queries per ranking chunk (None: automatic).
         rerank_topk: images re-scored per caption by the model's ``rerank``; 0 ranks by similarity alone.
         method: ranking implementation (see :func:`rank`).
+        wrap: turns the model given to :meth:`eval` into the object it is evaluated with (a method's retrieval
+            object); None evaluates the model itself.
 
     After :meth:`eval`, ``last_results`` holds the full metrics dictionary of :func:`evaluate`.
     """
@@ -146,8 +148,10 @@ class Evaluator:
         chunk_size: Optional[int] = None,
         rerank_topk: int = 0,
         method: str = "fast",
+        wrap: Optional[Callable[[torch.nn.Module], object]] = None,
     ):
         self.img_loader = img_loader
+        self.wrap = wrap
         self.query_sets = dict(txt_loader) if isinstance(txt_loader, Mapping) else {"": txt_loader}
         if not self.query_sets:
             raise UserError("txt_loader is an empty mapping; give at least one query set")
@@ -236,19 +240,33 @@ class Evaluator:
         return text_feats, image_feats, q_pids, g_pids
 
     def eval(self, model, i2t_metric: bool = False) -> float:
-        """Evaluate ``model``; logs the metrics table and returns the text-to-image Rank-1 (percent) of the first
-        query set."""
-        encoders, device = _encoders_of(model), _device_of(model)
+        """Evaluate ``model``; logs the metrics table and returns the text-to-image Rank-1 (percent), the mean
+        over the query sets when there are several (the final ranking of a two-stage method).
+
+        With ``wrap`` the model is first turned into the retrieval object the method evaluates with. An object
+        with ``for_query_set(name)`` gives each query set its own text encoders and re-ranker (e.g. a language's
+        projection); the images are encoded once, by the object itself. With re-ranking, the first stage is
+        reported too, as ``t2i[-<name>]-stage1``.
+        """
+        target = self.wrap(model) if self.wrap is not None else model
+        encoders, device = _encoders_of(target), _device_of(target)
         results: Dict[str, Dict[str, float]] = {}
+        final_r1 = []
         with self._evaluating(model):
-            rerank = self._reranker(encoders.rerank)
             image_feats, g_pids = self._encode(self.img_loader, encoders.images, device, "images")
             for name, loader in self.query_sets.items():
-                text_feats, q_pids = self._encode(loader, encoders.texts, device, "captions")
-                results.update(evaluate(
-                    text_feats, image_feats, q_pids, g_pids, i2t=i2t_metric, chunk_size=self.chunk_size,
-                    normalize=False, method=self.method, rerank=rerank, rerank_topk=self.rerank_topk, name=name,
-                ))
+                per_set = target.for_query_set(name) if callable(getattr(target, "for_query_set", None)) else target
+                set_encoders = _encoders_of(per_set)
+                rerank = self._reranker(set_encoders.rerank)
+                text_feats, q_pids = self._encode(loader, set_encoders.texts, device, "captions")
+                common = dict(chunk_size=self.chunk_size, normalize=False, method=self.method)
+                if rerank is not None:
+                    results.update(evaluate(text_feats, image_feats, q_pids, g_pids,
+                                            name=f"{name}-stage1" if name else "stage1", **common))
+                found = evaluate(text_feats, image_feats, q_pids, g_pids, i2t=i2t_metric, rerank=rerank,
+                                 rerank_topk=self.rerank_topk, name=name, **common)
+                results.update(found)
+                final_r1.append(found[f"t2i-{name}" if name else "t2i"]["R1"])
         self.last_results = results
         logger.info("\n%s", format_results(results))
-        return next(iter(results.values()))["R1"]
+        return float(sum(final_r1) / len(final_r1))

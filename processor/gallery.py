@@ -11,13 +11,16 @@ The cache key holds the checkpoint's name, size and modification time, a SHA-256
 image's person id, path, size and modification time, in order), and the options that change the embedding
 (dataset, split, model, image size, precision). Any difference rebuilds the file; it is written to a
 temporary name and renamed, so an interrupted run never leaves a half-written cache. A run folder that
-cannot be written to still works, without a cache.
+cannot be written to still works, without a cache. Cached features are checked before use — a ``[G, D]``
+tensor of finite numbers whose ``D`` is the model's (a one-word caption is encoded to know it: the two sides
+share their embedding size) — and rebuilt when they are not.
 
 Ranking follows :mod:`utils.metrics`: descending similarity of normalised features, ties broken by the lower
 gallery index (a stable sort), ranks counted from 1.
 """
 from __future__ import annotations
 
+import argparse
 import hashlib
 import logging
 import os
@@ -29,8 +32,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from datasets import ImageDataset, load_benchmark, tokenize_captions
+from datasets.build import make_loader
+from datasets.multilingual import language_split
+from processor.run_loading import RunHandle
+from processor.visualization import is_full_width
 from utils.errors import UserError
-from utils.run_loading import RunHandle
 
 logger = logging.getLogger(__name__)
 
@@ -56,22 +63,60 @@ class Gallery:
     from_cache: bool
 
 
-def load_split(args, split: str) -> dict[str, list]:
-    """The ``image_pids``, ``img_paths``, ``caption_pids`` and ``captions`` of the run's ``split``.
+def run_languages(args) -> tuple[str, ...]:
+    """The caption languages of a run (empty for a single-language benchmark)."""
+    return tuple(code for code in str(getattr(args, "languages", "") or "").split(",") if code)
+
+
+def query_language(args, requested: str, texts: Sequence[str] = ()) -> str:
+    """The language to encode queries in: ``requested``, else the run's target language for text with Chinese
+    characters, else its first (source) language; '' for a single-language run.
+
+    Raises:
+        UserError: ``requested`` is not one of the run's languages.
+    """
+    languages = run_languages(args)
+    if requested:
+        if requested not in languages:
+            raise UserError(f"--language {requested}: the run knows {', '.join(languages) or 'one language only'}")
+        return requested
+    if len(languages) > 1 and "ch" in languages and any(is_full_width(c) for text in texts for c in text):
+        return "ch"
+    return languages[0] if languages else ""
+
+
+def load_split(args, split: str, language: str = "") -> dict[str, list]:
+    """The ``image_pids``, ``img_paths``, ``caption_pids`` and ``captions`` of the run's ``split`` (the captions of
+    ``language`` for a multilingual run, its first language by default).
 
     Raises:
         UserError: unknown split, a dataset without that split, or the dataset cannot be read.
     """
-    from datasets import build_dataset
-
     if split not in SPLITS:
         raise UserError(f"--split must be one of {', '.join(SPLITS)}, got {split!r}")
-    dataset = build_dataset(args.dataset_name, args.root_dir, verbose=False)
+    test_args = argparse.Namespace(**{**vars(args), "training": False})
+    dataset = load_benchmark(test_args, verbose=False)
     data = dataset.val if split == "val" else dataset.test
     if data is None or not data["img_paths"]:
         raise UserError(f"{args.dataset_name} under {args.root_dir} has no '{split}' images; "
                         f"use --split {'test' if split == 'val' else 'val'}")
+    if "captions_by_lang" in data:
+        data = language_split(data, language or dataset.languages[0])
     return data
+
+
+def retrieval_view(model: nn.Module, run: RunHandle, language: str = ""):
+    """What encodes for retrieval: the method's evaluation wrapper (for ``language``, when it has one per
+    language), or the model itself."""
+    if run.method.evaluation is None:
+        return model
+    view = run.method.evaluation(model, run.args)
+    return view.for_query_set(language) if language and hasattr(view, "for_query_set") else view
+
+
+def _encoder(view, what: str):
+    """``view.encode_images``/``encode_texts`` (retrieval objects) or ``encode_image``/``encode_text`` (models)."""
+    return getattr(view, f"encode_{what}s", None) or getattr(view, f"encode_{what}")
 
 
 def _gallery_digest(pids: Sequence[int], paths: Sequence[str]) -> str:
@@ -96,7 +141,7 @@ def cache_key(run: RunHandle, split: str, pids: Sequence[int], paths: Sequence[s
         "num_images": len(paths),
         "dataset_name": str(args.dataset_name),
         "split": split,
-        "model": str(getattr(args, "model", None) or "irra"),
+        "model": run.method.name,
         "img_size": [int(v) for v in args.img_size],
         "precision": str(args.precision),
     }
@@ -122,7 +167,11 @@ def _read_cache(path: str, key: dict[str, Any]) -> torch.Tensor | None:
         return None
     feats = data.get("feats")
     if not isinstance(feats, torch.Tensor) or feats.dim() != 2 or feats.shape[0] != key["num_images"]:
-        logger.warning("Ignoring the malformed gallery cache %s", path)
+        logger.warning("Ignoring the malformed gallery cache %s (features of shape %s for %d images); re-encoding",
+                       path, tuple(feats.shape) if isinstance(feats, torch.Tensor) else None, key["num_images"])
+        return None
+    if not feats.is_floating_point() or not bool(torch.isfinite(feats).all()):
+        logger.warning("Ignoring the gallery cache %s: its features are not all finite numbers; re-encoding", path)
         return None
     return feats.float()
 
@@ -142,31 +191,30 @@ def _write_cache(path: str, key: dict[str, Any], feats: torch.Tensor) -> None:
             os.remove(tmp)
 
 
-def encode_images(model: nn.Module, run: RunHandle, paths: Sequence[str]) -> torch.Tensor:
-    """``[G, D]`` float32 L2-normalised embeddings of the image files, on the CPU (the test transform)."""
-    from datasets import ImageDataset, build_transforms
-    from datasets.build import make_loader
-
-    dataset = ImageDataset([0] * len(paths), paths, build_transforms(run.args.img_size, is_train=False))
+def encode_images(model: nn.Module, run: RunHandle, paths: Sequence[str], view=None) -> torch.Tensor:
+    """``[G, D]`` float32 L2-normalised embeddings of the image files, on the CPU (the test transform), encoded by
+    ``view`` (default :func:`retrieval_view`)."""
+    encode = _encoder(view if view is not None else retrieval_view(model, run), "image")
+    dataset = ImageDataset([0] * len(paths), paths, run.test_transform())
     loader = make_loader(dataset, run.args.test_batch_size, run.args.num_workers,
                          pin_memory=run.device.type == "cuda", seed=0)
     feats = []
     with torch.inference_mode():
         for _, images in loader:
             with run.precision.autocast():
-                feats.append(model.encode_image(images.to(run.device)).float())
+                feats.append(encode(images.to(run.device)).float())
     return F.normalize(torch.cat(feats), dim=1).cpu()
 
 
-def encode_captions(model: nn.Module, run: RunHandle, captions: Sequence[str]) -> torch.Tensor:
-    """``[Q, D]`` float32 L2-normalised embeddings of the captions, on the CPU.
+def encode_captions(model: nn.Module, run: RunHandle, captions: Sequence[str], language: str = "",
+                    view=None) -> torch.Tensor:
+    """``[Q, D]`` float32 L2-normalised embeddings of the captions in ``language`` (a multilingual run's query
+    language), on the CPU, encoded by ``view`` (default :func:`retrieval_view`).
 
     Captions longer than the run's ``text_length`` are cut (as in training) with a warning.
     """
-    from datasets import tokenize_captions
-    from utils.simple_tokenizer import SimpleTokenizer
-
-    tokenizer = SimpleTokenizer()
+    encode = _encoder(view if view is not None else retrieval_view(model, run, language), "text")
+    tokenizer = run.tokenizer()
     length = run.args.text_length
     for caption in captions:
         tokens = len(tokenizer.encode(caption)) + 2
@@ -179,7 +227,7 @@ def encode_captions(model: nn.Module, run: RunHandle, captions: Sequence[str]) -
         for start in range(0, len(captions), run.args.test_batch_size):
             with run.precision.autocast():
                 batch = ids[start:start + run.args.test_batch_size].to(run.device)
-                feats.append(model.encode_text(batch).float())
+                feats.append(encode(batch).float())
     return F.normalize(torch.cat(feats), dim=1).cpu()
 
 
@@ -188,7 +236,7 @@ def load_gallery(model: nn.Module, run: RunHandle, split: str, data: dict[str, l
     """The split's gallery with its embeddings: from the cache when it is current, else encoded (and cached).
 
     Args:
-        model: the run's model (see :func:`utils.run_loading.load_run_model`).
+        model: the run's model (see :func:`processor.run_loading.load_run_model`).
         run: the opened run.
         split: ``'test'`` or ``'val'``, part of the cache's name and key.
         data: the split (see :func:`load_split`).
@@ -198,6 +246,12 @@ def load_gallery(model: nn.Module, run: RunHandle, split: str, data: dict[str, l
     key = cache_key(run, split, pids, paths)
     path = cache_path(run, split)
     feats = None if rebuild else _read_cache(path, key)
+    if feats is not None and len(paths):
+        width = encode_captions(model, run, ["person"]).shape[1]
+        if feats.shape[1] != width:
+            logger.warning("Ignoring the gallery cache %s: its features have %d dimensions, the model's %d; "
+                           "re-encoding", path, feats.shape[1], width)
+            feats = None
     if feats is not None:
         logger.info("Using the cached embeddings of %d %s images from %s", len(paths), split, path)
         return Gallery(pids, paths, feats, from_cache=True)
@@ -228,6 +282,21 @@ def hits_at(gallery: Gallery, scores: torch.Tensor, order: torch.Tensor, ranks: 
         index = int(order[rank - 1])
         hits.append(Hit(rank, float(scores[index]), gallery.pids[index], gallery.paths[index], index))
     return hits
+
+
+def rerank_order(model: nn.Module, run: RunHandle, gallery: Gallery, caption: str, order: torch.Tensor, depth: int,
+                 language: str = "") -> tuple[torch.Tensor, torch.Tensor]:
+    """A two-stage method's final ranking of one query: its first ``depth`` images (of the first-stage ``order``
+    ``[G]``) re-scored by the method's ``rerank`` (Bi-IRRA: the ITM head), best first, then the rest in their
+    first-stage order. Returns ``(order [G], scores [depth] of the re-scored images in their new order)``."""
+    view = retrieval_view(model, run, language)
+    top = order[:depth]
+    encode_images(model, run, [gallery.paths[int(i)] for i in top], view=view)  # the view keeps their tokens
+    encode_captions(model, run, [caption], language, view=view)
+    with torch.inference_mode(), run.precision.autocast():
+        scores = view.rerank(torch.zeros(1, dtype=torch.long), torch.arange(len(top))[None]).float()[0].cpu()
+    new = torch.sort(scores, descending=True, stable=True)
+    return torch.cat([top[new.indices], order[depth:]]), new.values
 
 
 def rank_gallery(query_feats: torch.Tensor, gallery_feats: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

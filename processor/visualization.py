@@ -11,8 +11,15 @@ from __future__ import annotations
 import logging
 import os
 import textwrap
+import unicodedata
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
+
+import numpy as np
+
+from datasets import read_image
+from utils.errors import UserError
 
 logger = logging.getLogger(__name__)
 
@@ -55,8 +62,6 @@ class TileGroup:
 
 def check_picture_path(out: str, flag: str = "--out") -> None:
     """Pictures are PNG files: refuse another extension before any work is done (empty = the default)."""
-    from utils.errors import UserError
-
     if out and os.path.splitext(out)[1].lower() != ".png":
         raise UserError(f"{flag} {out} must name a .png file")
 
@@ -66,12 +71,34 @@ def _text_width(text: str, points: float) -> float:
     return len(text) * points * _CHAR_WIDTH / 72
 
 
+def is_full_width(char: str) -> bool:
+    """Full-width characters (Chinese, Japanese, Korean) take about twice the width of an average Latin letter."""
+    return unicodedata.east_asian_width(char) in ("W", "F")
+
+
+def _wrap_wide(paragraph: str, units: int) -> list[str]:
+    """Greedy wrap of text with full-width characters (2 units) and others (1 unit); Chinese has no spaces to
+    break at, so any character may end a line."""
+    lines, line, used = [], "", 0
+    for char in paragraph:
+        cost = 2 if is_full_width(char) else 1
+        if used + cost > units and line:
+            lines.append(line.rstrip())
+            line, used = ("" if char == " " else char), (0 if char == " " else cost)
+        else:
+            line, used = line + char, used + cost
+    return lines + [line.rstrip()]
+
+
 def _wrap(text: str, width_in: float, points: float, char_width: float = _CHAR_WIDTH) -> list[str]:
     """``text`` broken into lines that fit ``width_in`` inches; explicit newlines are kept."""
     chars = max(20, int(width_in * 72 / (points * char_width)))
     lines: list[str] = []
     for paragraph in text.split("\n"):
-        lines.extend(textwrap.wrap(paragraph, chars, break_long_words=True) or [""])
+        if any(is_full_width(char) for char in paragraph):
+            lines.extend(_wrap_wide(paragraph, chars))
+        else:
+            lines.extend(textwrap.wrap(paragraph, chars, break_long_words=True) or [""])
     return lines
 
 
@@ -109,12 +136,8 @@ def ranking_size(title: str, groups: Sequence[TileGroup], subtitle: str = "") ->
     return round(layout.width * DPI), round(layout.height * DPI)
 
 
-def _draw_tile(fig, tile: Tile, box: tuple[float, float, float, float], label_y: float) -> None:
+def _draw_tile(fig, tile: Tile, box: tuple[float, float, float, float], label_y: float, font: dict) -> None:
     """Image of ``tile`` in ``box`` (figure fractions, bottom-anchored, aspect kept), label centred under it."""
-    import numpy as np
-
-    from datasets.bases import read_image
-
     ax = fig.add_axes(box)
     ax.imshow(np.asarray(read_image(tile.path)), interpolation="antialiased")
     ax.set_anchor("S")
@@ -124,7 +147,7 @@ def _draw_tile(fig, tile: Tile, box: tuple[float, float, float, float], label_y:
         spine.set_edgecolor(tile.colour)
         spine.set_linewidth(5 if tile.framed else 1)
     fig.text(box[0] + box[2] / 2, label_y, tile.label, ha="center", va="top", fontsize=_LABEL_PT,
-             linespacing=1.2)
+             linespacing=1.2, **font)
 
 
 def draw_ranking(out_path: str, title: str, groups: Sequence[TileGroup], subtitle: str = "") -> tuple[int, int]:
@@ -142,10 +165,16 @@ def draw_ranking(out_path: str, title: str, groups: Sequence[TileGroup], subtitl
     Raises:
         UserError: an image file is missing or unreadable.
     """
+    # matplotlib takes about a second to import: only the tools that draw pay for it (utils.fonts uses it too).
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
+    from utils.fonts import cjk_font_family  # imports matplotlib: deferred with it
+
     groups = [g for g in groups if g.tiles]
+    texts = [title, subtitle] + [g.heading for g in groups] + [t.label for g in groups for t in g.tiles]
+    # Chinese text needs a CJK font (one warning naming the package to install when there is none).
+    font = {"fontfamily": cjk_font_family()} if any(is_full_width(c) for text in texts for c in text) else {}
     layout = _layout(title, subtitle, groups)
     size = ranking_size(title, groups, subtitle)
     w, h = size[0] / DPI, size[1] / DPI
@@ -156,26 +185,30 @@ def draw_ranking(out_path: str, title: str, groups: Sequence[TileGroup], subtitl
 
     y = h - _MARGIN  # inches from the bottom, moving down
     fig.text(_MARGIN / w, y / h, "\n".join(layout.title), ha="left", va="top", fontsize=_TITLE_PT,
-             fontweight="bold", linespacing=_LINE_SPACING)
+             fontweight="bold", linespacing=_LINE_SPACING, **font)
     y -= _text_height(len(layout.title), _TITLE_PT)
     if layout.subtitle:
         fig.text(_MARGIN / w, y / h, "\n".join(layout.subtitle), ha="left", va="top", fontsize=_SUBTITLE_PT,
-                 color="#444444", linespacing=_LINE_SPACING)
+                 color="#444444", linespacing=_LINE_SPACING, **font)
         y -= _text_height(len(layout.subtitle), _SUBTITLE_PT)
     y -= 0.15
     heading_y = y
     cell_bottom = y - _HEADING_H - _CELL_H
     x = _MARGIN
     for group in groups:
-        fig.text(x / w, heading_y / h, group.heading, ha="left", va="top", fontsize=_HEADING_PT, color="#222222")
+        fig.text(x / w, heading_y / h, group.heading, ha="left", va="top", fontsize=_HEADING_PT, color="#222222",
+                 **font)
         for i, tile in enumerate(group.tiles):
             left = x + i * (_CELL_W + _TILE_GAP)
-            _draw_tile(fig, tile, (left / w, cell_bottom / h, _CELL_W / w, _CELL_H / h), (cell_bottom - 0.06) / h)
+            _draw_tile(fig, tile, (left / w, cell_bottom / h, _CELL_W / w, _CELL_H / h), (cell_bottom - 0.06) / h,
+                       font)
         x += _group_width(group) + _GROUP_GAP
 
     folder = os.path.dirname(os.path.abspath(out_path))
     os.makedirs(folder, exist_ok=True)
-    fig.savefig(out_path, dpi=DPI, format="png", facecolor="white")
+    with warnings.catch_warnings():  # without a CJK font cjk_font_family already said what to install, once
+        warnings.filterwarnings("ignore", message="Glyph .* missing from font")
+        fig.savefig(out_path, dpi=DPI, format="png", facecolor="white")
     logger.info("Wrote %s (%d x %d pixels)", out_path, *size)
     return size
 

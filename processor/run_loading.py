@@ -4,7 +4,8 @@ Used by ``test.py``, ``search.py`` and ``visualize.py``. A run folder is what ``
 (``configs.yaml``, ``best.pth``, ``last.pth``, logs); the weights are looked for beside the config file, so a
 run that was moved or downloaded still opens. The model is rebuilt from the config with the CLIP architecture
 read off the checkpoint's tensor shapes, so no pretrained CLIP file is needed. Configs written by IRRA's
-released code work too: options they lack get today's defaults.
+released code work too: options they lack get today's defaults, and the method is recognised from the weights
+when the config does not name it.
 """
 from __future__ import annotations
 
@@ -16,8 +17,17 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from datasets import build_transforms
+from model import convert_weights_to_fp16
+from model.registry import Method, method_of_checkpoint
+from processor.session import RUN_TOKENIZER_DIR
+from utils.checkpoint import load_checkpoint_file, load_model_state, model_state_from_checkpoint
+from utils.comm import resolve_device
 from utils.errors import UserError
-from utils.precision import Precision
+from utils.iotools import CONFIG_NAME, load_train_configs
+from utils.options import build_parser
+from utils.precision import PRECISIONS, Precision, resolve_precision
+from utils.tokenizers import Tokenizer
 
 logger = logging.getLogger(__name__)
 
@@ -28,21 +38,27 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--checkpoint", default="", help="weights to use (default: best.pth beside the config)")
     parser.add_argument("--root_dir", default="", help="dataset root, if it moved since training")
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
-    parser.add_argument("--precision", default="auto", choices=("auto", "fp16", "amp", "fp32"))
+    parser.add_argument("--precision", default="auto", choices=("auto", *PRECISIONS))
     parser.add_argument("--test_batch_size", type=int, default=0, help="override the run's test batch size")
     parser.add_argument("--num_workers", type=int, default=-1, help="override the run's number of loader workers")
 
 
 def load_run_config(config_file: str) -> argparse.Namespace:
-    """The run's options with today's defaults for the fields older (e.g. IRRA's own) configs lack."""
-    from utils.iotools import load_train_configs
-    from utils.options import build_parser
+    """The run's options with today's defaults for the fields older (e.g. IRRA's own) configs lack.
 
+    Raises:
+        UserError: the path is a folder or does not exist, or the file is not a YAML mapping.
+    """
+    if os.path.isdir(config_file):
+        raise UserError(f"--config_file {config_file} is a folder; pass the configs.yaml inside it "
+                        f"({os.path.join(config_file, CONFIG_NAME)})")
     saved = load_train_configs(config_file)
     args = build_parser().parse_args([])
     for key, value in saved.items():
         setattr(args, key, value)
     args.img_size = tuple(args.img_size)
+    # IRRA's configs (and those of methods released on its code) name no model: open_run asks the weights.
+    args.model = saved.get("model")
     return args
 
 
@@ -57,6 +73,9 @@ class RunHandle:
         checkpoint: the weights file that :func:`load_run_model` reads.
         device: where the model runs.
         precision: the autocast context that goes with ``args.precision`` on ``device``.
+        method: the method that trained the run (the config's ``model``, or recognised from the weights).
+        state: the checkpoint's model weights, already in the method's layout.
+        recognised: the config names no method; it was recognised from the weights.
     """
 
     args: argparse.Namespace
@@ -64,11 +83,24 @@ class RunHandle:
     checkpoint: str
     device: torch.device
     precision: Precision
+    method: Method
+    state: dict[str, torch.Tensor]
+    recognised: bool = False
+
+    def tokenizer(self) -> Tokenizer:
+        """The tokenizer the run was trained with."""
+        return self.method.build_tokenizer(self.args, None)
+
+    def test_transform(self):
+        """The run's evaluation image transform (the method's, or IRRA's)."""
+        if self.method.build_test_transform is not None:
+            return self.method.build_test_transform(self.args)
+        return build_transforms(self.args.img_size, is_train=False)
 
 
 def open_run(config_file: str, checkpoint: str = "", root_dir: str = "", device: str = "auto",
              precision: str = "auto", test_batch_size: int = 0, num_workers: int = -1) -> RunHandle:
-    """Read a run's config and find its weights; nothing heavy is loaded yet.
+    """Read a run's config and its weights (on the CPU); the model is built by :func:`load_run_model`.
 
     Args:
         config_file: the run's ``configs.yaml``.
@@ -80,11 +112,8 @@ def open_run(config_file: str, checkpoint: str = "", root_dir: str = "", device:
         num_workers: replaces the run's number of loader workers when >= 0.
 
     Raises:
-        UserError: the run folder, config or checkpoint does not exist, or a value is wrong.
+        UserError: the run folder, config or checkpoint does not exist or cannot be read, or a value is wrong.
     """
-    from utils.comm import resolve_device
-    from utils.precision import resolve_precision
-
     run_dir = os.path.dirname(os.path.abspath(config_file))
     if not os.path.isdir(run_dir):
         raise UserError(f"run folder {run_dir} does not exist; pass --config_file RUN_DIR/configs.yaml of a run "
@@ -94,6 +123,16 @@ def open_run(config_file: str, checkpoint: str = "", root_dir: str = "", device:
     if not os.path.isfile(checkpoint):
         raise UserError(f"no checkpoint at {checkpoint}; the best.pth saved beside configs.yaml is used "
                         f"(pass --checkpoint PATH to use another file, e.g. last.pth)")
+    state = model_state_from_checkpoint(load_checkpoint_file(checkpoint), checkpoint)
+    # Released runs of IRRA-based methods keep IRRA's configs, which name no model: the weights tell.
+    recognised = not getattr(args, "model", None)
+    method = method_of_checkpoint(getattr(args, "model", None), state)
+    args.model = method.name
+    saved_tokenizer = os.path.join(run_dir, RUN_TOKENIZER_DIR)
+    if os.path.isdir(saved_tokenizer):
+        args.tokenizer_dir = saved_tokenizer  # the exact vocabulary the run trained with
+    if args.loss_names is None:
+        args.loss_names = method.default_losses
     args.training = False
     args.output_dir = run_dir
     args.world_size, args.rank = 1, 0
@@ -106,7 +145,8 @@ def open_run(config_file: str, checkpoint: str = "", root_dir: str = "", device:
     torch_device = resolve_device(device)
     args.device = str(torch_device)
     args.precision = resolve_precision(precision, torch_device)
-    return RunHandle(args, run_dir, checkpoint, torch_device, Precision(args.precision, torch_device))
+    return RunHandle(args, run_dir, checkpoint, torch_device, Precision(args.precision, torch_device), method,
+                     method.convert_checkpoint(state), recognised)
 
 
 def open_run_from_cli(cli: argparse.Namespace) -> RunHandle:
@@ -118,32 +158,22 @@ def open_run_from_cli(cli: argparse.Namespace) -> RunHandle:
 def load_run_model(run: RunHandle) -> nn.Module:
     """The run's model with its checkpoint loaded, on the run's device, in eval mode.
 
-    The CLIP architecture is inferred from the checkpoint; the size of the identity classifier too (when the
-    run trained one), so the dataset does not have to be read first.
+    The architecture is read from the checkpoint by the method's builder; the size of the identity classifier
+    too (when the run trained one), so the dataset does not have to be read first.
 
     Raises:
-        UserError: the checkpoint is unreadable, not IRRA-style, or does not fit the config.
+        UserError: the checkpoint does not fit the config.
     """
-    from model import build_model
-    from model.clip_model import config_from_state_dict
-    from utils.checkpoint import load_checkpoint_file, load_model_state, model_state_from_checkpoint
-
-    state = model_state_from_checkpoint(load_checkpoint_file(run.checkpoint), run.checkpoint)
-    clip_state = {k[len("base_model."):]: v for k, v in state.items() if k.startswith("base_model.")}
-    if not clip_state:
-        raise UserError(f"checkpoint {run.checkpoint} has no base_model.* weights; it is not an IRRA-style checkpoint")
-    clip_config = config_from_state_dict(clip_state)
-    if getattr(run.args, "model", "irra") == "irra" and any(k.startswith("safl.") for k in state):
-        # Released PHP runs have no `model` entry in their configs.yaml; their weights say what they are.
-        logger.info("Checkpoint %s holds PHP modules (safl.*): building --model php (efp_attention %s; use "
-                    "efp_attention: batch in the config to reproduce the released code's scores)",
-                    run.checkpoint, getattr(run.args, "efp_attention", "tokens"))
-        run.args.model = "php"
+    state = run.state
+    if run.recognised:
+        logger.info("The config names no model; the weights in %s are those of --model %s", run.checkpoint,
+                    run.method.name)
     # Without an identity classifier in the checkpoint the number of classes is unused (any positive value).
     num_classes = state["classifier.weight"].shape[0] if "classifier.weight" in state else 1
-    model = build_model(run.args, num_classes, clip_config=clip_config)
-    load_model_state(model, state, run.checkpoint,
-                     ignore_unexpected=getattr(model, "ignored_checkpoint_prefixes", ()))
+    model = run.method.build_model(run.args, num_classes, state, run.tokenizer())
+    load_model_state(model, state, run.checkpoint, ignore_unexpected=run.method.ignored_checkpoint_keys)
+    if run.precision.mode == "fp16":
+        convert_weights_to_fp16(model)
     model.to(run.device)
     model.eval()
     return model
