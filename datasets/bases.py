@@ -62,6 +62,12 @@ def read_image(path: str | os.PathLike) -> Image.Image:
         ) from err
 
 
+def load_image(path: str | os.PathLike, transform: Optional[Callable] = None):
+    """:func:`read_image`, then ``transform`` (when given): what every dataset does with an image file."""
+    img = read_image(path)
+    return transform(img) if transform is not None else img
+
+
 def _as_tokenizer(tokenizer) -> Tokenizer:
     """A :class:`~utils.tokenizers.Tokenizer`: ``None`` gives IRRA's CLIP BPE, a bare SimpleTokenizer is wrapped."""
     if tokenizer is None:
@@ -267,9 +273,7 @@ class ImageDataset(Dataset):
         return len(self.image_pids)
 
     def __getitem__(self, index: int):
-        img = read_image(self.img_paths[index])
-        if self.transform is not None:
-            img = self.transform(img)
+        img = load_image(self.img_paths[index], self.transform)
         return self.image_pids[index], img
 
 
@@ -342,9 +346,7 @@ class ImageTextDataset(Dataset):
 
     def __getitem__(self, index: int) -> dict:
         pid, image_id, img_path, _ = self.samples[index]
-        img = read_image(img_path)
-        if self.transform is not None:
-            img = self.transform(img)
+        img = load_image(img_path, self.transform)
         caption = self.caption_ids[index].clone()
         item = {"pids": pid, "image_ids": image_id, "images": img, "caption_ids": caption}
         if self.masking is not None:

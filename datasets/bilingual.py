@@ -29,7 +29,7 @@ from typing import Optional
 
 from torch.utils.data import Dataset
 
-from datasets.bases import MaskingConfig, mask_tokens, read_image, tokenize_captions
+from datasets.bases import MaskingConfig, load_image, mask_tokens, tokenize_captions
 from datasets.image_masking import blockwise_mask
 from datasets.multilingual import MultilingualSample
 from datasets.resumable import item_generator
@@ -98,9 +98,7 @@ class BilingualImageTextDataset(Dataset):
 
     def __getitem__(self, index: int) -> dict:
         pid, image_id, img_path, _ = self.samples[index]
-        img = read_image(img_path)
-        if self.transform is not None:
-            img = self.transform(img)
+        img = load_image(img_path, self.transform)
         generator = item_generator()
         item = {PIDS: pid, "image_ids": image_id, IMAGES: img,
                 IMAGE_MASK: blockwise_mask(*self.mask_grid, self.mask_ratio, generator)}
