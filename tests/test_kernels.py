@@ -1,0 +1,154 @@
+"""The fast CPU kernels of model/kernels.py against their plain twins (and float64 where it helps)."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from model import IRRA
+from model.clip_model import CLIP, CLIPConfig, CLIPTextCfg, CLIPVisionCfg
+from model.kernels import fast_kernels, fast_kernels_enabled, linear, onednn_available, quick_gelu
+from model.layers import Linear, QuickGELU
+
+needs_onednn = pytest.mark.skipif(not onednn_available(), reason="this torch build has no oneDNN linear kernel")
+
+
+def _grads(fn, *tensors):
+    """fn(*tensors) and the gradients of sum(out * fixed weights) with respect to each tensor."""
+    leaves = [t.detach().clone().requires_grad_() if t is not None else None for t in tensors]
+    out = fn(*leaves)
+    weights = torch.linspace(-1, 1, out.numel(), dtype=out.dtype).reshape(out.shape)
+    (out * weights).sum().backward()
+    return out.detach(), [t.grad if t is not None else None for t in leaves]
+
+
+@needs_onednn
+@pytest.mark.parametrize("shape", [(2, 7, 32), (5, 32), (3, 1, 32)])
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_linear_matches_f_linear_and_float64(shape, with_bias):
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(*shape, generator=gen)
+    weight = torch.randn(24, 32, generator=gen) / 32**0.5
+    bias = torch.randn(24, generator=gen) if with_bias else None
+    fast_out, fast_grads = _grads(linear, x, weight, bias)
+    with fast_kernels(False):
+        plain_out, plain_grads = _grads(linear, x, weight, bias)
+    exact_out, exact_grads = _grads(F.linear, x.double(), weight.double(), None if bias is None else bias.double())
+    assert fast_out.shape == (*shape[:-1], 24)
+    torch.testing.assert_close(fast_out, plain_out, rtol=0, atol=1e-6)
+    torch.testing.assert_close(fast_out.double(), exact_out, rtol=0, atol=1e-5)
+    for fast, plain, exact in zip(fast_grads, plain_grads, exact_grads):
+        if plain is None:
+            assert fast is None
+            continue
+        assert fast.shape == plain.shape
+        torch.testing.assert_close(fast, plain, rtol=0, atol=1e-6)
+        torch.testing.assert_close(fast.double(), exact, rtol=0, atol=1e-5)
+
+
+@needs_onednn
+def test_linear_with_strided_weight_views_as_attention_and_projections_use():
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(2, 5, 16, generator=gen)
+    in_proj = torch.randn(48, 16, generator=gen)
+    proj = torch.randn(16, 8, generator=gen)
+    for weight in (in_proj[16:], proj.t()):  # a row slice (cross attention's key/value), a transpose (x @ proj)
+        fast_out, (gx, gw) = _grads(lambda a, w: linear(a, w), x, weight)
+        plain_out, (px, pw) = _grads(lambda a, w: a @ w.t(), x, weight)
+        torch.testing.assert_close(fast_out, plain_out, rtol=0, atol=1e-5)
+        torch.testing.assert_close(gx, px, rtol=0, atol=1e-5)
+        torch.testing.assert_close(gw, pw, rtol=0, atol=1e-5)
+
+
+@needs_onednn
+def test_linear_takes_the_onednn_path_only_where_it_applies():
+    x = torch.randn(4, 8, requires_grad=True)
+    weight = torch.randn(3, 8, requires_grad=True)
+    assert fast_kernels_enabled()
+    assert type(linear(x, weight).grad_fn).__name__ == "_OneDNNLinearBackward"
+    with fast_kernels(False):
+        assert not fast_kernels_enabled()
+        assert torch.equal(linear(x, weight), F.linear(x, weight))
+        assert type(linear(x, weight).grad_fn).__name__ != "_OneDNNLinearBackward"
+    assert fast_kernels_enabled()
+    # float64, a 1-d input, an empty batch and CPU autocast all keep F.linear
+    assert torch.equal(linear(x.double(), weight.double()), F.linear(x.double(), weight.double()))
+    assert torch.equal(linear(x[0], weight), F.linear(x[0], weight))
+    assert linear(x[:0], weight).shape == (0, 3)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert linear(x, weight).dtype == torch.bfloat16
+
+
+def test_fast_kernels_restores_the_previous_setting_after_an_error():
+    with pytest.raises(RuntimeError):
+        with fast_kernels(False):
+            raise RuntimeError("boom")
+    assert fast_kernels_enabled()
+    with fast_kernels(False):
+        with fast_kernels(True):
+            assert fast_kernels_enabled()
+        assert not fast_kernels_enabled()
+
+
+def test_quick_gelu_equals_the_plain_formula():
+    x = torch.linspace(-12, 12, 2001)
+    fast_out, (fast_grad,) = _grads(quick_gelu, x)
+    plain_out, (plain_grad,) = _grads(lambda t: t * torch.sigmoid(1.702 * t), x)
+    # values up to 12 in magnitude: a tolerance of 1e-6 relative to max(1, |y|)
+    scale = plain_out.abs().clamp(min=1)
+    assert ((fast_out - plain_out).abs() / scale).max() <= 1e-6
+    assert (fast_grad - plain_grad).abs().max() <= 1e-6
+    assert quick_gelu(torch.tensor(0.0)).item() == 0.0
+    with fast_kernels(False):
+        assert torch.equal(QuickGELU()(x), x * torch.sigmoid(1.702 * x))
+
+
+def test_linear_module_keeps_nn_linear_parameters_and_state_dict():
+    plain = nn.Linear(6, 4)
+    module = Linear(6, 4)
+    module.load_state_dict(plain.state_dict())
+    assert set(module.state_dict()) == {"weight", "bias"}
+    x = torch.randn(3, 6)
+    torch.testing.assert_close(module(x), plain(x), rtol=0, atol=1e-6)
+
+
+def _tiny_irra() -> IRRA:
+    cfg = CLIPConfig(
+        embed_dim=64,
+        vision=CLIPVisionCfg(patch_size=8, width=64, layers=2, heads=2),
+        text=CLIPTextCfg(context_length=12, vocab_size=50, width=64, layers=2, heads=2),
+    )
+    torch.manual_seed(0)
+    return IRRA(CLIP(cfg, (32, 16), 8), num_classes=6, loss_names=("sdm", "mlm", "id"), cmt_depth=1, vocab_size=50)
+
+
+def _batch() -> dict:
+    gen = torch.Generator().manual_seed(3)
+    ids = torch.randint(1, 45, (4, 12), generator=gen)
+    ids[:, 9], ids[:, 10:] = 49, 0  # end of text, padding
+    labels = torch.zeros_like(ids)
+    labels[:, 2], labels[1, 5] = ids[:, 2], ids[1, 5]
+    masked = torch.where(labels > 0, torch.full_like(ids, 47), ids)
+    return {"images": torch.randn(4, 3, 32, 16, generator=gen), "caption_ids": masked, "mlm_ids": masked,
+            "mlm_labels": labels, "pids": torch.tensor([0, 2, 0, 5])}
+
+
+def _loss_and_grads(model: IRRA, batch: dict) -> tuple[dict, dict]:
+    model.zero_grad(set_to_none=True)
+    out = model(batch)
+    sum(v for k, v in out.items() if k.endswith("_loss")).backward()
+    losses = {k: v.detach() for k, v in out.items() if k.endswith("_loss")}
+    return losses, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def test_irra_training_step_with_fast_kernels_matches_the_plain_one():
+    model, batch = _tiny_irra(), _batch()
+    with fast_kernels(False):
+        plain_losses, plain_grads = _loss_and_grads(model, batch)
+    fast_losses, fast_grads = _loss_and_grads(model, batch)
+    assert set(fast_grads) == set(plain_grads) and len(plain_grads) > 40
+    for key, value in plain_losses.items():
+        assert abs(fast_losses[key].item() - value.item()) <= 1e-5 * max(1.0, abs(value.item())), key
+    for name, grad in plain_grads.items():
+        tolerance = 1e-5 * max(1.0, grad.abs().max().item())
+        assert (fast_grads[name] - grad).abs().max().item() <= tolerance, name
