@@ -1,0 +1,285 @@
+"""Side-by-side timing of one fp32 CPU training step: this project beside IRRA's official code.
+
+Every variant trains IRRA (sdm+mlm+id, 384x128 images, stride 16, 11,003 identities) from the same random
+weights on the same batch, in float32 on the CPU, each in a fresh subprocess:
+
+* ``ours``       — this checkout as it runs by default (fast CPU kernels, :mod:`model.kernels`);
+* ``ours-plain`` — this checkout inside ``fast_kernels(False)``: plain PyTorch expressions throughout;
+* ``before``     — another checkout of this project (``--before_dir``), e.g. the commit before a change;
+* ``reference``  — IRRA's official code (``--reference_dir``, github.com/anosorae/IRRA), built with its own
+  ``IRRA(args)`` and ``build_optimizer``, stepped as its ``do_train`` does. Shims applied at run time only:
+  the CLIP weights reach its loader as a state-dict file, its fp16 cast (``convert_weights``) is skipped to
+  train fp32 like the others, and the features it casts to half for the ID classifier are cast back to the
+  classifier's dtype by a forward pre-hook (their fp16 rounding stays).
+
+Each worker runs ``--warmup`` untimed steps, then ``--steps`` timed ones (forward, backward, optimizer; wall
+and CPU time); ``--rounds`` repeats the whole sequence of workers so load changes on a shared machine hit
+every variant. The table reports medians over all timed steps. ``--check`` first runs one step per variant
+and compares the losses, every gradient and every updated parameter with ``ours-plain`` (and ``before``);
+the project's variants must agree within ``1e-5 * max(1, max |value|)`` per tensor.
+
+Usage (from the repository root)::
+
+    python benchmarks/train_step.py --reference_dir /tmp/irra_ref --before_dir /tmp/irra_before --check
+    python benchmarks/train_step.py --arch tiny --steps 20 --rounds 3
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from types import SimpleNamespace
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from train_common import (  # noqa: E402
+    CUHK_CLASSES, LOSS_NAMES, ROOT, PhaseClock, median, peak_rss_mib, project_argv, synthetic_batch, train_step,
+)
+
+VARIANTS = ("ours", "ours-plain", "before", "reference")
+TOLERANCE = 1e-5
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--arch", default="ViT-B/16", help="CLIP architecture (ViT-B/16, tiny, ...), random weights")
+    p.add_argument("--batch_size", type=int, default=8)
+    p.add_argument("--steps", type=int, default=5, help="timed steps per worker")
+    p.add_argument("--warmup", type=int, default=2, help="untimed steps per worker before timing")
+    p.add_argument("--rounds", type=int, default=1, help="times the sequence of workers is run")
+    p.add_argument("--threads", type=int, default=2, help="torch threads per worker")
+    p.add_argument("--variants", default="ours,ours-plain,before,reference",
+                   help="comma-separated subset of " + ", ".join(VARIANTS) + " (before/reference need their dir)")
+    p.add_argument("--reference_dir", default="", help="checkout of github.com/anosorae/IRRA")
+    p.add_argument("--before_dir", default="", help="checkout of this project to compare with (e.g. main)")
+    p.add_argument("--fused_adam", action="store_true", help="project variants: Adam(fused=True) instead of solver's")
+    p.add_argument("--check", action="store_true", help="compare losses, gradients and updated weights first")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--omp-wait-policy", dest="omp_wait_policy", default="PASSIVE",
+                   help="OMP_WAIT_POLICY of the workers ('inherit' keeps the environment's)")
+    p.add_argument("--worker", default="", help=argparse.SUPPRESS)
+    p.add_argument("--inputs", default="", help=argparse.SUPPRESS)
+    p.add_argument("--out", default="", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    chosen = [v.strip() for v in args.variants.split(",") if v.strip()]
+    unknown = [v for v in chosen if v not in VARIANTS]
+    if unknown:
+        p.error(f"unknown variant(s) {unknown}; choose from {', '.join(VARIANTS)}")
+    if not args.worker:
+        chosen = [v for v in chosen if (v != "before" or args.before_dir) and (v != "reference" or args.reference_dir)]
+        for flag, path in (("--reference_dir", args.reference_dir), ("--before_dir", args.before_dir)):
+            if path and not os.path.isdir(os.path.join(path, "model")):
+                p.error(f"{flag} {path!r} is not a checkout (no model/ folder in it)")
+    args.variant_list = chosen
+    return args
+
+
+# ----------------------------------------------------------------------------------------------- workers
+def _reference_step(model, batch, optimizer, clock: PhaseClock) -> dict:
+    """IRRA's do_train step: summed "loss" outputs, zero_grad(), backward(), step()."""
+    ret = model(batch)
+    total_loss = sum(v for k, v in ret.items() if "loss" in k)
+    clock.mark("forward")
+    optimizer.zero_grad()
+    total_loss.backward()
+    clock.mark("backward")
+    optimizer.step()
+    clock.mark("optimizer")
+    return ret
+
+
+def _build_project(code_dir: str, inputs: dict, fused_adam: bool):
+    sys.path.insert(0, code_dir)
+    from model import build_model
+    from solver import build_optimizer
+    from utils.options import get_args
+
+    args = get_args(inputs["argv"])
+    model = build_model(args, inputs["num_classes"])
+    model.load_state_dict(inputs["state"])
+    optimizer = build_optimizer(args, model)
+    if fused_adam:
+        groups = [dict(group, fused=True, foreach=None) for group in optimizer.param_groups]
+        optimizer = type(optimizer)(groups, lr=args.lr)
+    return model, optimizer
+
+
+def _build_reference(code_dir: str, inputs: dict, clip_path: str):
+    sys.path.insert(0, code_dir)
+    from model.build import IRRA  # the reference's own package
+    from solver.build import build_optimizer
+
+    args = SimpleNamespace(**inputs["reference_args"], pretrain_choice=clip_path)
+    model = IRRA(args, inputs["num_classes"])  # its build_model would also cast to fp16: skipped (fp32 run)
+    model.load_state_dict(inputs["state"])
+    model.classifier.register_forward_pre_hook(lambda module, xs: tuple(x.to(module.weight.dtype) for x in xs))
+    return model, build_optimizer(args, model)
+
+
+def run_worker(args: argparse.Namespace) -> None:
+    torch.set_num_threads(args.threads)
+    inputs = torch.load(args.inputs, weights_only=False)
+    fast = contextlib.nullcontext()
+    if args.worker == "reference":
+        model, optimizer = _build_reference(args.reference_dir, inputs, inputs["clip_path"])
+        step = _reference_step
+    else:
+        code_dir = args.before_dir if args.worker == "before" else ROOT
+        model, optimizer = _build_project(code_dir, inputs, args.fused_adam)
+        step = train_step
+        if args.worker == "ours-plain":
+            from model.kernels import fast_kernels
+
+            fast = fast_kernels(False)
+    model.train()
+    batch = inputs["batch"]
+    clock = PhaseClock()
+    result = {"wall": [], "cpu": []}
+    with fast:
+        if args.check:
+            clock.start()
+            ret = step(model, batch, optimizer, clock)  # the step's gradients stay on the parameters
+            torch.save({"losses": {k: float(v) for k, v in ret.items() if k.endswith("_loss")},
+                        "grads": {n: p.grad for n, p in model.named_parameters() if p.grad is not None},
+                        "params": dict(model.named_parameters())}, args.out)
+            return
+        for index in range(args.warmup + args.steps):
+            clock.start()
+            step(model, batch, optimizer, clock)
+            if index >= args.warmup:
+                result["wall"].append(dict(clock.wall))
+                result["cpu"].append(dict(clock.cpu))
+    result["peak_rss_mib"] = peak_rss_mib()
+    with open(args.out, "w") as handle:
+        json.dump(result, handle)
+
+
+# ------------------------------------------------------------------------------------------------ parent
+def write_inputs(args: argparse.Namespace, folder: str) -> str:
+    """Random IRRA weights and one batch, shared by every worker; returns the file's path."""
+    sys.path.insert(0, ROOT)
+    from model import build_model
+    from utils.options import get_args
+
+    argv = project_argv(args.arch, args.batch_size)
+    train_args = get_args(argv)
+    torch.manual_seed(args.seed)
+    model = build_model(train_args, CUHK_CLASSES)
+    state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    clip_path = os.path.join(folder, "clip.pt")
+    torch.save({k[len("base_model."):]: v for k, v in state.items() if k.startswith("base_model.")}, clip_path)
+    names = ("img_size", "stride_size", "temperature", "cmt_depth", "vocab_size", "id_loss_weight",
+             "mlm_loss_weight", "lr", "lr_factor", "bias_lr_factor", "weight_decay", "weight_decay_bias",
+             "optimizer", "alpha", "beta", "momentum")
+    reference_args = {name: getattr(train_args, name) for name in names}
+    reference_args["loss_names"] = LOSS_NAMES
+    batch = synthetic_batch(args.batch_size, tuple(train_args.img_size), CUHK_CLASSES, seed=args.seed,
+                            text_length=train_args.text_length, vocab_size=train_args.vocab_size)
+    path = os.path.join(folder, "inputs.pt")
+    torch.save({"argv": argv, "num_classes": CUHK_CLASSES, "state": state, "batch": batch, "clip_path": clip_path,
+                "reference_args": reference_args}, path)
+    return path
+
+
+def launch(args: argparse.Namespace, variant: str, inputs: str, out: str, check: bool) -> None:
+    cmd = [sys.executable, os.path.abspath(__file__), "--worker", variant, "--inputs", inputs, "--out", out,
+           "--threads", str(args.threads), "--steps", str(args.steps), "--warmup", str(args.warmup),
+           "--reference_dir", args.reference_dir, "--before_dir", args.before_dir]
+    cmd += ["--fused_adam"] if args.fused_adam and variant != "reference" else []
+    cmd += ["--check"] if check else []
+    env = dict(os.environ)
+    if args.omp_wait_policy != "inherit":
+        env["OMP_WAIT_POLICY"] = args.omp_wait_policy
+    done = subprocess.run(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    if done.returncode != 0:
+        raise SystemExit(f"worker {variant} failed:\n{done.stdout[-4000:]}")
+
+
+def compare(name: str, got: dict, want: dict) -> tuple[float, float, str]:
+    """(largest abs difference, largest difference / max(1, max |want|), the tensor where the latter occurs)."""
+    worst_abs, worst_scaled, where = 0.0, 0.0, ""
+    for key, ref in want.items():
+        if key not in got:
+            continue
+        ref = torch.as_tensor(ref).double()
+        diff = (torch.as_tensor(got[key]).double() - ref).abs().max().item()
+        scaled = diff / max(1.0, ref.abs().max().item())
+        worst_abs = max(worst_abs, diff)
+        if scaled >= worst_scaled:
+            worst_scaled, where = scaled, f"{name} {key}"
+    return worst_abs, worst_scaled, where
+
+
+def run_check(args: argparse.Namespace, inputs: str, folder: str) -> bool:
+    dumps = {}
+    for variant in args.variant_list:
+        out = os.path.join(folder, f"check_{variant}.pt")
+        launch(args, variant, inputs, out, check=True)
+        dumps[variant] = torch.load(out, weights_only=False)
+    baseline = "ours-plain" if "ours-plain" in dumps else args.variant_list[0]
+    ok = True
+    print(f"\nCheck after one step, against {baseline} (project variants must agree within "
+          f"{TOLERANCE:g} x max(1, max|value|) per tensor):\n")
+    print("| variant | losses: max abs diff | grads: max abs diff | grads: scaled | updated weights: max abs diff "
+          "| worst tensor (scaled) |")
+    print("|---|---|---|---|---|---|")
+    for variant, dump in dumps.items():
+        if variant == baseline:
+            continue
+        want = dumps[baseline]
+        loss = compare("loss", dump["losses"], want["losses"])
+        grad = compare("grad", dump["grads"], want["grads"])
+        param = compare("param", dump["params"], want["params"])
+        print(f"| {variant} | {loss[0]:.3g} | {grad[0]:.3g} | {grad[1]:.3g} | {param[0]:.3g} | {grad[2]} |")
+        if variant != "reference" and max(loss[1], grad[1], param[1]) > TOLERANCE:
+            ok = False
+    print("\nlosses:", {v: {k: round(x, 6) for k, x in d["losses"].items()} for v, d in dumps.items()})
+    return ok
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if args.worker:
+        run_worker(args)
+        return 0
+    with tempfile.TemporaryDirectory(prefix="train_step_") as folder:
+        inputs = write_inputs(args, folder)
+        if args.check and not run_check(args, inputs, folder):
+            print("CHECK FAILED")
+            return 1
+        times = {v: {"wall": [], "cpu": [], "peak": 0.0} for v in args.variant_list}
+        for _ in range(args.rounds):
+            for variant in args.variant_list:
+                out = os.path.join(folder, f"{variant}.json")
+                launch(args, variant, inputs, out, check=False)
+                with open(out) as handle:
+                    result = json.load(handle)
+                times[variant]["wall"] += result["wall"]
+                times[variant]["cpu"] += result["cpu"]
+                times[variant]["peak"] = max(times[variant]["peak"], result["peak_rss_mib"])
+    print_table(args, times)
+    return 0
+
+
+def print_table(args: argparse.Namespace, times: dict) -> None:
+    total = {v: median([sum(step.values()) for step in t["wall"]]) for v, t in times.items()}
+    print(f"\n{args.arch}, batch {args.batch_size}, {LOSS_NAMES}, fp32, CPU, {args.threads} threads, "
+          f"{args.rounds} x {args.steps} timed steps per variant (medians; seconds)\n")
+    print("| variant | s/step (wall) | forward | backward | optimizer | CPU s/step | peak RSS (MiB) "
+          "| vs reference | vs ours-plain |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for variant, t in times.items():
+        phases = [median([step[p] for step in t["wall"]]) for p in ("forward", "backward", "optimizer")]
+        cpu = median([sum(step.values()) for step in t["cpu"]])
+        ratios = [f"{total[base] / total[variant]:.2f}x" if base in total else "-" for base in ("reference", "ours-plain")]
+        print(f"| {variant} | {total[variant]:.3f} | " + " | ".join(f"{x:.3f}" for x in phases)
+              + f" | {cpu:.3f} | {t['peak']:.0f} | {ratios[0]} | {ratios[1]} |")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
