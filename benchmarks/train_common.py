@@ -117,7 +117,17 @@ def synthetic_batch(batch_size: int, img_size: tuple[int, int], num_classes: int
 
 
 def peak_rss_mib() -> float:
-    """Peak resident memory of this process so far, MiB (Linux reports ru_maxrss in KiB)."""
+    """Peak resident memory of this process so far, MiB.
+
+    Linux: ``VmHWM`` (ru_maxrss would include the parent's peak: it survives fork and exec).
+    """
+    try:
+        with open("/proc/self/status") as handle:
+            for line in handle:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
     scale = 1 / 1024 if sys.platform != "darwin" else 1 / 2**20
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale
 

@@ -5,6 +5,8 @@ weights on the same batch, in float32 on the CPU, each in a fresh subprocess:
 
 * ``ours``       — this checkout as it runs by default (fast CPU kernels, :mod:`model.kernels`);
 * ``ours-plain`` — this checkout inside ``fast_kernels(False)``: plain PyTorch expressions throughout;
+* ``ours-fused-adam`` — ``ours`` with the solver's Adam rebuilt as ``Adam(fused=True)`` (same groups and
+  hyper-parameters): what a fused optimizer step would add;
 * ``before``     — another checkout of this project (``--before_dir``), e.g. the commit before a change;
 * ``reference``  — IRRA's official code (``--reference_dir``, github.com/anosorae/IRRA), built with its own
   ``IRRA(args)`` and ``build_optimizer``, stepped as its ``do_train`` does. Shims applied at run time only:
@@ -14,14 +16,17 @@ weights on the same batch, in float32 on the CPU, each in a fresh subprocess:
 
 Each worker runs ``--warmup`` untimed steps, then ``--steps`` timed ones (forward, backward, optimizer; wall
 and CPU time); ``--rounds`` repeats the whole sequence of workers so load changes on a shared machine hit
-every variant. The table reports medians over all timed steps. ``--check`` first runs one step per variant
-and compares the losses, every gradient and every updated parameter with ``ours-plain`` (and ``before``);
-the project's variants must agree within ``1e-5 * max(1, max |value|)`` per tensor.
+every variant. The table reports medians over all timed steps of the wall time and of the process's CPU
+time (all its threads); "cores used" is their ratio: about ``--threads`` when the variant had its cores to
+itself, less when other jobs took them, which is why the CPU-time ratios are printed beside the wall ones.
+``--check`` first runs one step per variant and compares the losses, every gradient and every updated
+parameter with ``ours-plain``; the project's variants must agree within ``1e-5 * max(1, max |value|)``
+per tensor (``before`` is expected to agree exactly).
 
 Usage (from the repository root)::
 
     python benchmarks/train_step.py --reference_dir /tmp/irra_ref --before_dir /tmp/irra_before --check
-    python benchmarks/train_step.py --arch tiny --steps 20 --rounds 3
+    python benchmarks/train_step.py --arch tiny --steps 20 --rounds 4
 """
 from __future__ import annotations
 
@@ -41,7 +46,7 @@ from train_common import (  # noqa: E402
     CUHK_CLASSES, LOSS_NAMES, ROOT, PhaseClock, median, peak_rss_mib, project_argv, synthetic_batch, train_step,
 )
 
-VARIANTS = ("ours", "ours-plain", "before", "reference")
+VARIANTS = ("ours", "ours-plain", "ours-fused-adam", "before", "reference")
 TOLERANCE = 1e-5
 
 
@@ -49,15 +54,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--arch", default="ViT-B/16", help="CLIP architecture (ViT-B/16, tiny, ...), random weights")
     p.add_argument("--batch_size", type=int, default=8)
-    p.add_argument("--steps", type=int, default=5, help="timed steps per worker")
+    p.add_argument("--steps", type=int, default=3, help="timed steps per worker")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps per worker before timing")
-    p.add_argument("--rounds", type=int, default=1, help="times the sequence of workers is run")
+    p.add_argument("--rounds", type=int, default=3, help="times the sequence of workers is run")
     p.add_argument("--threads", type=int, default=2, help="torch threads per worker")
-    p.add_argument("--variants", default="ours,ours-plain,before,reference",
+    p.add_argument("--variants", default="ours,ours-plain,ours-fused-adam,before,reference",
                    help="comma-separated subset of " + ", ".join(VARIANTS) + " (before/reference need their dir)")
     p.add_argument("--reference_dir", default="", help="checkout of github.com/anosorae/IRRA")
     p.add_argument("--before_dir", default="", help="checkout of this project to compare with (e.g. main)")
-    p.add_argument("--fused_adam", action="store_true", help="project variants: Adam(fused=True) instead of solver's")
     p.add_argument("--check", action="store_true", help="compare losses, gradients and updated weights first")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--omp-wait-policy", dest="omp_wait_policy", default="PASSIVE",
@@ -130,7 +134,7 @@ def run_worker(args: argparse.Namespace) -> None:
         step = _reference_step
     else:
         code_dir = args.before_dir if args.worker == "before" else ROOT
-        model, optimizer = _build_project(code_dir, inputs, args.fused_adam)
+        model, optimizer = _build_project(code_dir, inputs, fused_adam=args.worker == "ours-fused-adam")
         step = train_step
         if args.worker == "ours-plain":
             from model.kernels import fast_kernels
@@ -190,7 +194,6 @@ def launch(args: argparse.Namespace, variant: str, inputs: str, out: str, check:
     cmd = [sys.executable, os.path.abspath(__file__), "--worker", variant, "--inputs", inputs, "--out", out,
            "--threads", str(args.threads), "--steps", str(args.steps), "--warmup", str(args.warmup),
            "--reference_dir", args.reference_dir, "--before_dir", args.before_dir]
-    cmd += ["--fused_adam"] if args.fused_adam and variant != "reference" else []
     cmd += ["--check"] if check else []
     env = dict(os.environ)
     if args.omp_wait_policy != "inherit":
@@ -216,29 +219,31 @@ def compare(name: str, got: dict, want: dict) -> tuple[float, float, str]:
 
 
 def run_check(args: argparse.Namespace, inputs: str, folder: str) -> bool:
-    dumps = {}
-    for variant in args.variant_list:
-        out = os.path.join(folder, f"check_{variant}.pt")
-        launch(args, variant, inputs, out, check=True)
-        dumps[variant] = torch.load(out, weights_only=False)
-    baseline = "ours-plain" if "ours-plain" in dumps else args.variant_list[0]
-    ok = True
+    baseline = "ours-plain" if "ours-plain" in args.variant_list else args.variant_list[0]
+    order = [baseline] + [v for v in args.variant_list if v != baseline]
     print(f"\nCheck after one step, against {baseline} (project variants must agree within "
           f"{TOLERANCE:g} x max(1, max|value|) per tensor):\n")
     print("| variant | losses: max abs diff | grads: max abs diff | grads: scaled | updated weights: max abs diff "
           "| worst tensor (scaled) |")
     print("|---|---|---|---|---|---|")
-    for variant, dump in dumps.items():
-        if variant == baseline:
+    ok, want, losses = True, None, {}
+    for variant in order:
+        out = os.path.join(folder, f"check_{variant}.pt")
+        launch(args, variant, inputs, out, check=True)
+        dump = torch.load(out, weights_only=False)
+        os.remove(out)
+        losses[variant] = {k: round(x, 6) for k, x in dump["losses"].items()}
+        if want is None:
+            want = dump
             continue
-        want = dumps[baseline]
         loss = compare("loss", dump["losses"], want["losses"])
         grad = compare("grad", dump["grads"], want["grads"])
         param = compare("param", dump["params"], want["params"])
+        del dump
         print(f"| {variant} | {loss[0]:.3g} | {grad[0]:.3g} | {grad[1]:.3g} | {param[0]:.3g} | {grad[2]} |")
         if variant != "reference" and max(loss[1], grad[1], param[1]) > TOLERANCE:
             ok = False
-    print("\nlosses:", {v: {k: round(x, 6) for k, x in d["losses"].items()} for v, d in dumps.items()})
+    print("\nlosses:", losses)
     return ok
 
 
@@ -270,15 +275,17 @@ def print_table(args: argparse.Namespace, times: dict) -> None:
     total = {v: median([sum(step.values()) for step in t["wall"]]) for v, t in times.items()}
     print(f"\n{args.arch}, batch {args.batch_size}, {LOSS_NAMES}, fp32, CPU, {args.threads} threads, "
           f"{args.rounds} x {args.steps} timed steps per variant (medians; seconds)\n")
-    print("| variant | s/step (wall) | forward | backward | optimizer | CPU s/step | peak RSS (MiB) "
-          "| vs reference | vs ours-plain |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    cpu = {v: median([sum(step.values()) for step in t["cpu"]]) for v, t in times.items()}
+    print("| variant | s/step (wall) | forward | backward | optimizer | CPU s/step | cores used | peak RSS (MiB) "
+          "| vs reference (wall / CPU) | vs ours-plain (wall / CPU) |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for variant, t in times.items():
         phases = [median([step[p] for step in t["wall"]]) for p in ("forward", "backward", "optimizer")]
-        cpu = median([sum(step.values()) for step in t["cpu"]])
-        ratios = [f"{total[base] / total[variant]:.2f}x" if base in total else "-" for base in ("reference", "ours-plain")]
+        ratios = [f"{total[base] / total[variant]:.2f}x / {cpu[base] / cpu[variant]:.2f}x" if base in total else "-"
+                  for base in ("reference", "ours-plain")]
         print(f"| {variant} | {total[variant]:.3f} | " + " | ".join(f"{x:.3f}" for x in phases)
-              + f" | {cpu:.3f} | {t['peak']:.0f} | {ratios[0]} | {ratios[1]} |")
+              + f" | {cpu[variant]:.3f} | {cpu[variant] / total[variant]:.2f} | {t['peak']:.0f} "
+              f"| {ratios[0]} | {ratios[1]} |")
 
 
 if __name__ == "__main__":
