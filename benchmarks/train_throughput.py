@@ -6,7 +6,9 @@ IRRA's augmented train transform, on a synthetic CUHK-PEDES written by ``dataset
 (``build_optimizer``) and the precision (``utils.precision``), then runs ``--warmup`` and ``--steps``
 training steps (:func:`train_common.train_step`). Reported per pair: samples/s (batch / median step time),
 median seconds per step split into data (waiting for the loader and the copy to the device), forward,
-backward and optimizer; the first step (which includes compilation); peak memory (CUDA: max allocated;
+backward and optimizer; the process's CPU seconds per step (all threads; on a shared CPU, wall time over
+CPU time shows how many cores the run really had); the first step (which includes compilation; with
+``--rounds`` the slowest, i.e. the one that compiled without a warm cache); peak memory (CUDA: max allocated;
 CPU: the process's peak RSS); model FLOPs per step, counted once on the eager model with
 ``torch.utils.flop_counter.FlopCounterMode`` over forward and backward (the optimizer is not counted); and
 the utilisation FLOPs / (median step time x ``--peak_tflops``).
@@ -17,7 +19,7 @@ half weights — needs CUDA; bf16 needs hardware support; ``--compile on`` needs
 
 Usage (from the repository root)::
 
-    python benchmarks/train_throughput.py --preset cpu                        # tiny CLIP, batch 16, CPU
+    python benchmarks/train_throughput.py --preset cpu --rounds 3             # tiny CLIP, batch 16, CPU
     python benchmarks/train_throughput.py --preset gpu --peak_tflops 989      # ViT-B/16, batch 64, CUDA
     python benchmarks/train_throughput.py --preset gpu --precisions fp16,amp --compile off --peak_tflops fp16=989,amp=989
 """
@@ -57,7 +59,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch_size", type=int)
     p.add_argument("--precisions", help="comma-separated, e.g. fp32,amp,bf16,fp16")
     p.add_argument("--compile", help="comma-separated subset of off,on")
-    p.add_argument("--steps", type=int, help="timed steps")
+    p.add_argument("--steps", type=int, help="timed steps per run")
+    p.add_argument("--rounds", type=int, default=1, help="runs of every pair, interleaved (medians over all)")
     p.add_argument("--warmup", type=int, help="untimed steps first (the first one compiles)")
     p.add_argument("--num_workers", type=int, help="data loader workers")
     p.add_argument("--threads", type=int, help="torch CPU threads (0: torch's default)")
@@ -217,7 +220,7 @@ def run_worker(args: argparse.Namespace) -> dict:
         if index == 0:
             first_step = sum(clock.wall.values())
         if index >= args.warmup:
-            steps.append(dict(clock.wall))
+            steps.append({"wall": dict(clock.wall), "cpu": sum(clock.cpu.values())})
     peak = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else peak_rss_mib()
     return {"steps": steps, "first_step": first_step, "flops": flops, "peak_mib": peak,
             "amp_dtype": str(precision.amp_dtype).replace("torch.", "") if precision.amp_dtype else ""}
@@ -249,11 +252,13 @@ def launch(args: argparse.Namespace, precision: str, compiled: str, out: str) ->
 
 
 def summarise(result: dict, batch_size: int, peak_tflops: float | None) -> dict:
-    steps = result["steps"]
+    steps = [s["wall"] for s in result["steps"]]
     phases = {p: median([s.get(p, 0.0) for s in steps]) for p in PHASES}
     total = median([sum(s.values()) for s in steps])
+    cpu = median([s["cpu"] for s in result["steps"]])
     achieved = result["flops"] / total if total > 0 else float("nan")
-    return {"samples_per_s": batch_size / total, "step_s": total, **phases, "first_step_s": result["first_step"],
+    return {"samples_per_s": batch_size / total, "step_s": total, **phases, "cpu_s": cpu,
+            "first_step_s": result["first_step"],
             "peak_mib": result["peak_mib"], "gflops_per_step": result["flops"] / 1e9,
             "achieved_tflops": achieved / 1e12,
             "utilisation": achieved / (peak_tflops * 1e12) if peak_tflops else None}
@@ -269,24 +274,41 @@ def main(argv=None) -> int:
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda: no CUDA device is visible here; run the CPU preset or use a GPU machine")
-    rows, notes = [], []
+    pairs, notes = [], []
+    for precision in args.precision_list:
+        for compiled in args.compile_list:
+            reason = skip_reason(precision, compiled == "on", device)
+            if reason:
+                notes.append(f"{precision}, compile {compiled}: skipped, {reason}")
+            else:
+                pairs.append((precision, compiled))
+    results: dict[tuple[str, str], dict] = {}
     with tempfile.TemporaryDirectory(prefix="throughput_") as folder:
         if not args.root_dir:
             args.root_dir = write_dataset(args, os.path.join(folder, "data"))
-        for precision in args.precision_list:
-            for compiled in args.compile_list:
-                reason = skip_reason(precision, compiled == "on", device)
-                if reason:
-                    notes.append(f"{precision}, compile {compiled}: skipped, {reason}")
+        for _ in range(args.rounds):
+            for pair in pairs:
+                if "error" in results.get(pair, {}):
                     continue
-                result = launch(args, precision, compiled, os.path.join(folder, f"{precision}_{compiled}.json"))
+                result = launch(args, *pair, os.path.join(folder, "result.json"))
                 if "error" in result:
-                    notes.append(f"{precision}, compile {compiled}: failed, {result['error']}")
                     print(result["log"], file=sys.stderr)
-                    continue
-                row = summarise(result, args.batch_size, args.peaks.get(precision))
-                row.update(precision=precision, compile=compiled, amp_dtype=result["amp_dtype"])
-                rows.append(row)
+                    results[pair] = result
+                elif pair in results:  # a later round: more steps, the slowest first step, the largest peak
+                    merged = results[pair]
+                    merged["steps"] += result["steps"]
+                    merged["first_step"] = max(merged["first_step"], result["first_step"])
+                    merged["peak_mib"] = max(merged["peak_mib"], result["peak_mib"])
+                else:
+                    results[pair] = result
+    rows = []
+    for (precision, compiled), result in results.items():
+        if "error" in result:
+            notes.append(f"{precision}, compile {compiled}: failed, {result['error']}")
+            continue
+        row = summarise(result, args.batch_size, args.peaks.get(precision))
+        row.update(precision=precision, compile=compiled, amp_dtype=result["amp_dtype"])
+        rows.append(row)
     print_table(args, rows, notes)
     if args.json:
         with open(args.json, "w") as handle:
@@ -297,15 +319,17 @@ def main(argv=None) -> int:
 
 def print_table(args: argparse.Namespace, rows: list[dict], notes: list[str]) -> None:
     print(f"\n{args.arch}, batch {args.batch_size}, sdm+mlm+id, {args.device}, {args.num_workers} loader workers, "
-          f"{args.threads or 'default'} threads, medians of {args.steps} steps after {args.warmup} warm-up\n")
-    print("| precision | compile | samples/s | s/step | data | forward | backward | optimizer | first step (s) "
-          "| peak memory (MiB) | GFLOP/step | TFLOP/s | utilisation |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+          f"{args.threads or 'default'} threads, medians of {args.rounds} x {args.steps} steps, each run after "
+          f"{args.warmup} warm-up steps; seconds\n")
+    print("| precision | compile | samples/s | s/step | data | forward | backward | optimizer | CPU s/step "
+          "| first step (s) | peak memory (MiB) | GFLOP/step | TFLOP/s | utilisation |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         name = r["precision"] + (f" ({r['amp_dtype']})" if r["amp_dtype"] else "")
         util = f"{100 * r['utilisation']:.1f}%" if r["utilisation"] is not None else "-"
         print(f"| {name} | {r['compile']} | {r['samples_per_s']:.1f} | {r['step_s']:.3f} | {r['data']:.3f} "
-              f"| {r['forward']:.3f} | {r['backward']:.3f} | {r['optimizer']:.3f} | {r['first_step_s']:.1f} "
+              f"| {r['forward']:.3f} | {r['backward']:.3f} | {r['optimizer']:.3f} | {r['cpu_s']:.3f} "
+              f"| {r['first_step_s']:.1f} "
               f"| {r['peak_mib']:.0f} | {r['gflops_per_step']:.1f} | {r['achieved_tflops']:.3f} | {util} |")
     for note in notes:
         print(f"- {note}")
