@@ -67,9 +67,21 @@ def onednn_available() -> bool:
     return True
 
 
+def _dense(t: torch.Tensor) -> torch.Tensor:
+    """``t`` when it is contiguous or the transpose of a contiguous matrix, else a contiguous copy.
+
+    oneDNN multiplies such operands at full speed; other strides (e.g. the class-token rows
+    ``tokens[:, 0, :]``, whose row stride is a whole sequence) send it to a reference kernel that is two
+    orders of magnitude slower.
+    """
+    if t.is_contiguous() or (t.dim() == 2 and t.t().is_contiguous()):
+        return t
+    return t.contiguous()
+
+
 def _onednn_matmul(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """``x @ weight.T (+ bias)`` by oneDNN: x [..., K], weight [N, K] (either may be a strided view) -> [..., N]."""
-    return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+    """``x @ weight.T (+ bias)`` by oneDNN: x [..., K], weight [N, K] -> [..., N]; see :func:`_dense`."""
+    return torch.ops.mkldnn._linear_pointwise(_dense(x), _dense(weight), bias, "none", [], "")
 
 
 class _OneDNNLinear(torch.autograd.Function):
@@ -77,6 +89,7 @@ class _OneDNNLinear(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        x = x.contiguous()  # a no-op for the layers' activations; the backward transposes it
         ctx.save_for_backward(x, weight)
         ctx.has_bias = bias is not None
         return _onednn_matmul(x, weight, bias)

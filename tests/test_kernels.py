@@ -7,7 +7,7 @@ from torch import nn
 
 from model import IRRA
 from model.clip_model import CLIP, CLIPConfig, CLIPTextCfg, CLIPVisionCfg
-from model.kernels import fast_kernels, fast_kernels_enabled, linear, onednn_available, quick_gelu
+from model.kernels import _dense, fast_kernels, fast_kernels_enabled, linear, onednn_available, quick_gelu
 from model.layers import Linear, QuickGELU
 
 needs_onednn = pytest.mark.skipif(not onednn_available(), reason="this torch build has no oneDNN linear kernel")
@@ -58,6 +58,30 @@ def test_linear_with_strided_weight_views_as_attention_and_projections_use():
         torch.testing.assert_close(fast_out, plain_out, rtol=0, atol=1e-5)
         torch.testing.assert_close(gx, px, rtol=0, atol=1e-5)
         torch.testing.assert_close(gw, pw, rtol=0, atol=1e-5)
+
+
+@needs_onednn
+def test_linear_of_class_token_rows_matches_f_linear():
+    # tokens[:, 0, :] has a row stride of a whole sequence; the classifier sees such inputs
+    tokens = torch.randn(4, 9, 16, generator=torch.Generator().manual_seed(2))
+    weight, bias = torch.randn(7, 16), torch.randn(7)
+    fast_out, (gx, gw, gb) = _grads(linear, tokens[:, 0, :], weight, bias)
+    plain_out, (px, pw, pb) = _grads(F.linear, tokens[:, 0, :], weight, bias)
+    for fast, plain in ((fast_out, plain_out), (gx, px), (gw, pw), (gb, pb)):
+        torch.testing.assert_close(fast, plain, rtol=0, atol=1e-5)
+
+
+def test_dense_keeps_contiguous_and_transposed_operands_and_copies_others():
+    matrix = torch.randn(6, 4)
+    assert _dense(matrix) is matrix
+    transposed = matrix.t()
+    assert _dense(transposed) is transposed
+    rows = torch.randn(3, 5, 4)[:, 0, :]  # row stride 20
+    assert not rows.is_contiguous()
+    copied = _dense(rows)
+    assert copied.is_contiguous() and torch.equal(copied, rows)
+    expanded = torch.ones(1, 4).expand(6, 4)  # stride 0, as the gradient of a sum
+    assert _dense(expanded).is_contiguous()
 
 
 @needs_onednn
