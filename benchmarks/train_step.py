@@ -37,6 +37,7 @@ import os
 import subprocess
 import sys
 import tempfile
+import time
 from types import SimpleNamespace
 
 import torch
@@ -63,6 +64,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--reference_dir", default="", help="checkout of github.com/anosorae/IRRA")
     p.add_argument("--before_dir", default="", help="checkout of this project to compare with (e.g. main)")
     p.add_argument("--check", action="store_true", help="compare losses, gradients and updated weights first")
+    p.add_argument("--profile", action="store_true",
+                   help="after timing, profile one more step of each variant (torch.profiler, top operators)")
+    p.add_argument("--gemm", action="store_true",
+                   help="only measure the matrix products of the ViT-B/16 layers: F.linear (MKL) vs model.kernels.linear")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--omp-wait-policy", dest="omp_wait_policy", default="PASSIVE",
                    help="OMP_WAIT_POLICY of the workers ('inherit' keeps the environment's)")
@@ -158,6 +163,14 @@ def run_worker(args: argparse.Namespace) -> None:
             if index >= args.warmup:
                 result["wall"].append(dict(clock.wall))
                 result["cpu"].append(dict(clock.cpu))
+        if args.profile:
+            from torch.profiler import ProfilerActivity, profile
+
+            with profile(activities=[ProfilerActivity.CPU]) as prof:
+                clock.start()
+                step(model, batch, optimizer, clock)
+            result["profile"] = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15,
+                                                          max_name_column_width=60)
     result["peak_rss_mib"] = peak_rss_mib()
     with open(args.out, "w") as handle:
         json.dump(result, handle)
@@ -195,6 +208,7 @@ def launch(args: argparse.Namespace, variant: str, inputs: str, out: str, check:
            "--threads", str(args.threads), "--steps", str(args.steps), "--warmup", str(args.warmup),
            "--reference_dir", args.reference_dir, "--before_dir", args.before_dir]
     cmd += ["--check"] if check else []
+    cmd += ["--profile"] if args.profile and not check else []
     env = dict(os.environ)
     if args.omp_wait_policy != "inherit":
         env["OMP_WAIT_POLICY"] = args.omp_wait_policy
@@ -247,10 +261,57 @@ def run_check(args: argparse.Namespace, inputs: str, folder: str) -> bool:
     return ok
 
 
+def _gflops(fn, flops: int, repeats: int) -> float:
+    """GFLOP/s of ``fn`` (median of ``repeats`` calls after two untimed ones)."""
+    times = []
+    for index in range(repeats + 2):
+        start = time.perf_counter()
+        fn()
+        if index >= 2:
+            times.append(time.perf_counter() - start)
+    return flops / median(times) / 1e9
+
+
+def gemm_rates(threads: int, repeats: int = 10) -> None:
+    """GFLOP/s of the ViT-B/16 layers' products at batch 8 (1544 image tokens, 616 text tokens), forward and
+    forward + backward, through ``model.kernels.linear`` with the fast kernels off (F.linear) and on (oneDNN)."""
+    sys.path.insert(0, ROOT)
+    from model.kernels import fast_kernels, linear
+
+    torch.set_num_threads(threads)
+    shapes = [(1544, 768, 2304), (1544, 768, 3072), (1544, 3072, 768), (616, 512, 1536), (616, 512, 2048),
+              (616, 2048, 512)]
+    print(f"\nGFLOP/s of the products of the ViT-B/16 layers at batch 8 ({threads} threads):\n")
+    print("| tokens x in -> out | F.linear forward | oneDNN forward | F.linear fwd+bwd | oneDNN fwd+bwd |")
+    print("|---|---|---|---|---|")
+    for rows, k, n in shapes:
+        x = torch.randn(rows, k, requires_grad=True)
+        weight = (torch.randn(n, k) / k**0.5).requires_grad_()
+        bias = torch.zeros(n, requires_grad=True)
+        grad = torch.randn(rows, n)
+
+        def forward():
+            return linear(x, weight, bias)
+
+        def forward_backward():
+            forward().backward(grad)
+            x.grad = weight.grad = bias.grad = None
+
+        cells = []
+        for fn, passes in ((forward, 1), (forward_backward, 3)):
+            for fast in (False, True):
+                with fast_kernels(fast):
+                    cells.append(f"{_gflops(fn, 2 * rows * k * n * passes, repeats):.0f}")
+        print(f"| {rows} x {k} -> {n} | " + " | ".join(cells) + " |")
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     if args.worker:
         run_worker(args)
+        return 0
+    if args.gemm:
+        gemm_rates(args.threads)
         return 0
     with tempfile.TemporaryDirectory(prefix="train_step_") as folder:
         inputs = write_inputs(args, folder)
@@ -267,7 +328,12 @@ def main(argv=None) -> int:
                 times[variant]["wall"] += result["wall"]
                 times[variant]["cpu"] += result["cpu"]
                 times[variant]["peak"] = max(times[variant]["peak"], result["peak_rss_mib"])
+                if "profile" in result:
+                    times[variant]["profile"] = result["profile"]
     print_table(args, times)
+    for variant, t in times.items():
+        if "profile" in t:
+            print(f"\nProfile of one step, {variant}:\n{t['profile']}")
     return 0
 
 
