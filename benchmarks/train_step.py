@@ -67,7 +67,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--profile", action="store_true",
                    help="after timing, profile one more step of each variant (torch.profiler, top operators)")
     p.add_argument("--gemm", action="store_true",
-                   help="only measure the matrix products of the ViT-B/16 layers: F.linear (MKL) vs model.kernels.linear")
+                   help="only measure the ViT-B/16 layers' matrix products: F.linear (MKL) vs model.kernels.linear")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--omp-wait-policy", dest="omp_wait_policy", default="PASSIVE",
                    help="OMP_WAIT_POLICY of the workers ('inherit' keeps the environment's)")

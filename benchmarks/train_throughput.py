@@ -21,7 +21,8 @@ Usage (from the repository root)::
 
     python benchmarks/train_throughput.py --preset cpu --rounds 3             # tiny CLIP, batch 16, CPU
     python benchmarks/train_throughput.py --preset gpu --peak_tflops 989      # ViT-B/16, batch 64, CUDA
-    python benchmarks/train_throughput.py --preset gpu --precisions fp16,amp --compile off --peak_tflops fp16=989,amp=989
+    python benchmarks/train_throughput.py --preset gpu --precisions fp16,amp --compile off \
+        --peak_tflops fp16=989,amp=989
 """
 from __future__ import annotations
 

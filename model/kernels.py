@@ -7,8 +7,9 @@
   function (to one rounding), with one fused kernel in the backward pass instead of four.
 
 The fast forms are used only where they apply (float32 on the CPU, no autocast, not while
-``torch.compile`` or ``torch.jit.trace`` records the model); everywhere else, and inside ``with fast_kernels(False):``, each function is
-exactly the plain PyTorch expression the model used before. ``tests/test_kernels.py`` compares the two.
+``torch.compile`` or ``torch.jit.trace`` records the model); everywhere else, and inside
+``with fast_kernels(False):``, each function is exactly the plain PyTorch expression the model used
+before. ``tests/test_kernels.py`` compares the two; ``benchmarks/train_step.py`` times them.
 """
 
 from __future__ import annotations
