@@ -53,16 +53,24 @@ class PhaseClock:
         self._last = now
 
 
-def train_step(model, batch: Mapping[str, torch.Tensor], optimizer, clock: PhaseClock,
-               autocast: Callable[[], ContextManager] = contextlib.nullcontext, scaler=None) -> dict:
-    """One training step as ``processor.train_one_epoch`` runs it; returns the model's outputs.
+def loss_terms(model, batch: Mapping[str, torch.Tensor], criterion=None) -> tuple[dict, torch.Tensor]:
+    """(the loss terms of ``batch``, their ``*_loss`` sum): ``criterion(model(batch), batch)``, or
+    ``model(batch)`` for a model that returns its losses itself (``criterion`` None)."""
+    ret = model(batch) if criterion is None else criterion(model(batch), batch)
+    return ret, sum(v for k, v in ret.items() if k.endswith("_loss"))
 
-    forward (model and losses under ``autocast``), backward (of the scaled summed loss), optimizer (scaler
-    step and update when a ``torch.amp.GradScaler`` is given); ``clock`` marks the end of each phase.
+
+def train_step(model, batch: Mapping[str, torch.Tensor], optimizer, clock: PhaseClock,
+               autocast: Callable[[], ContextManager] = contextlib.nullcontext, scaler=None,
+               criterion=None) -> dict:
+    """One training step as ``processor.train_one_epoch`` runs it; returns the loss terms.
+
+    forward (:func:`loss_terms` under ``autocast``), backward (of the scaled sum of the ``*_loss`` terms),
+    optimizer (scaler step and update when a ``torch.amp.GradScaler`` is given); ``clock`` marks the end of
+    each phase.
     """
     with autocast():
-        ret = model(batch)
-        loss = sum(v for k, v in ret.items() if k.endswith("_loss"))
+        ret, loss = loss_terms(model, batch, criterion)
     clock.mark("forward")
     optimizer.zero_grad(set_to_none=True)
     (loss if scaler is None else scaler.scale(loss)).backward()
@@ -74,6 +82,23 @@ def train_step(model, batch: Mapping[str, torch.Tensor], optimizer, clock: Phase
         scaler.update()
     clock.mark("optimizer")
     return ret
+
+
+def build_training(args, num_classes: int):
+    """``(model, criterion)`` from the training options with this project's builders, as ``train.py`` gets them.
+
+    ``criterion`` is None for a checkout whose model computes its losses itself (no ``build_criterion``).
+    With ``--precision fp16`` the weights are cast to half here (a no-op where the builder did it already).
+    """
+    import model as model_package
+    from model.clip_model import convert_weights_to_fp16
+
+    model = model_package.build_model(args, num_classes)
+    build_criterion = getattr(model_package, "build_criterion", None)
+    criterion = build_criterion(args) if build_criterion is not None else None
+    if args.precision == "fp16":
+        convert_weights_to_fp16(model)
+    return model, criterion
 
 
 def project_argv(arch: str, batch_size: int, precision: str = "fp32", device: str = "cpu",

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import json
 import os
 import subprocess
@@ -44,7 +45,8 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from train_common import (  # noqa: E402
-    CUHK_CLASSES, LOSS_NAMES, ROOT, PhaseClock, median, peak_rss_mib, project_argv, synthetic_batch, train_step,
+    CUHK_CLASSES, LOSS_NAMES, ROOT, PhaseClock, build_training, median, peak_rss_mib, project_argv, synthetic_batch,
+    train_step,
 )
 
 VARIANTS = ("ours", "ours-plain", "ours-fused-adam", "before", "reference")
@@ -103,19 +105,19 @@ def _reference_step(model, batch, optimizer, clock: PhaseClock) -> dict:
 
 
 def _build_project(code_dir: str, inputs: dict, fused_adam: bool):
+    """(model, optimizer, step) of this project's checkout at ``code_dir``."""
     sys.path.insert(0, code_dir)
-    from model import build_model
     from solver import build_optimizer
     from utils.options import get_args
 
     args = get_args(inputs["argv"])
-    model = build_model(args, inputs["num_classes"])
+    model, criterion = build_training(args, inputs["num_classes"])
     model.load_state_dict(inputs["state"])
     optimizer = build_optimizer(args, model)
     if fused_adam:
         groups = [dict(group, fused=True, foreach=None) for group in optimizer.param_groups]
         optimizer = type(optimizer)(groups, lr=args.lr)
-    return model, optimizer
+    return model, optimizer, functools.partial(train_step, criterion=criterion)
 
 
 def _build_reference(code_dir: str, inputs: dict, clip_path: str):
@@ -139,8 +141,7 @@ def run_worker(args: argparse.Namespace) -> None:
         step = _reference_step
     else:
         code_dir = args.before_dir if args.worker == "before" else ROOT
-        model, optimizer = _build_project(code_dir, inputs, fused_adam=args.worker == "ours-fused-adam")
-        step = train_step
+        model, optimizer, step = _build_project(code_dir, inputs, fused_adam=args.worker == "ours-fused-adam")
         if args.worker == "ours-plain":
             from model.kernels import fast_kernels
 
@@ -180,13 +181,12 @@ def run_worker(args: argparse.Namespace) -> None:
 def write_inputs(args: argparse.Namespace, folder: str) -> str:
     """Random IRRA weights and one batch, shared by every worker; returns the file's path."""
     sys.path.insert(0, ROOT)
-    from model import build_model
     from utils.options import get_args
 
     argv = project_argv(args.arch, args.batch_size)
     train_args = get_args(argv)
     torch.manual_seed(args.seed)
-    model = build_model(train_args, CUHK_CLASSES)
+    model, _ = build_training(train_args, CUHK_CLASSES)
     state = {k: v.detach().clone() for k, v in model.state_dict().items()}
     clip_path = os.path.join(folder, "clip.pt")
     torch.save({k[len("base_model."):]: v for k, v in state.items() if k.startswith("base_model.")}, clip_path)

@@ -38,7 +38,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from train_common import (  # noqa: E402
-    PHASES, ROOT, PhaseClock, median, peak_rss_mib, project_argv, train_step,
+    PHASES, ROOT, PhaseClock, build_training, loss_terms, median, peak_rss_mib, project_argv, train_step,
 )
 
 sys.path.insert(0, ROOT)
@@ -136,15 +136,14 @@ def bf16_supported(device: torch.device) -> bool:
 
 
 # ------------------------------------------------------------------------------------------------- FLOPs
-def count_flops(model, batch, autocast) -> int:
+def count_flops(model, batch, autocast, criterion=None) -> int:
     """FLOPs of one forward and backward pass (FlopCounterMode), gradients cleared afterwards."""
     from torch.utils.flop_counter import FlopCounterMode
 
     register_cpu_flop_formulas()
     with FlopCounterMode(display=False) as counter:
         with autocast():
-            ret = model(batch)
-            loss = sum(v for k, v in ret.items() if k.endswith("_loss"))
+            _, loss = loss_terms(model, batch, criterion)
         loss.backward()
     model.zero_grad(set_to_none=True)
     return counter.get_total_flops()
@@ -179,7 +178,6 @@ def register_cpu_flop_formulas() -> None:
 # ----------------------------------------------------------------------------------------------- workers
 def run_worker(args: argparse.Namespace) -> dict:
     from datasets import build_dataloader
-    from model import build_model
     from solver import build_optimizer
     from utils.compile import maybe_compile
     from utils.options import get_args
@@ -194,7 +192,8 @@ def run_worker(args: argparse.Namespace) -> dict:
     device = torch.device(args.device)
     torch.manual_seed(0)
     train_loader, _, _, num_classes = build_dataloader(train_args)
-    model = build_model(train_args, num_classes).to(device)
+    model, criterion = build_training(train_args, num_classes)
+    model = model.to(device)
     model.train()
     optimizer = build_optimizer(train_args, model)
     precision = Precision(resolve_precision(train_args.precision, device), device)
@@ -207,7 +206,7 @@ def run_worker(args: argparse.Namespace) -> dict:
 
     stream = batches()
     first = {k: v.to(device) for k, v in next(stream).items()}
-    flops = count_flops(model, first, precision.autocast)
+    flops = count_flops(model, first, precision.autocast, criterion)
     model_to_run = maybe_compile(model, compile_flag == "on")
     clock = PhaseClock(sync)
     steps, first_step = [], 0.0
@@ -217,7 +216,7 @@ def run_worker(args: argparse.Namespace) -> dict:
         clock.start()
         batch = {k: v.to(device, non_blocking=True) for k, v in next(stream).items()}
         clock.mark("data")
-        train_step(model_to_run, batch, optimizer, clock, precision.autocast, scaler)
+        train_step(model_to_run, batch, optimizer, clock, precision.autocast, scaler, criterion)
         if index == 0:
             first_step = sum(clock.wall.values())
         if index >= args.warmup:

@@ -14,9 +14,8 @@ import train_common  # noqa: E402
 import train_step  # noqa: E402
 import train_throughput  # noqa: E402
 from datasets.bases import EOT_TOKEN_ID, MASK_TOKEN_ID, SOT_TOKEN_ID  # noqa: E402
-from model import IRRA  # noqa: E402
-from model.clip_model import CLIP, CLIPConfig, CLIPTextCfg, CLIPVisionCfg  # noqa: E402
 from model.kernels import fast_kernels, linear, onednn_available  # noqa: E402
+from utils.options import get_args  # noqa: E402
 
 
 def test_synthetic_batch_is_a_masked_irra_batch():
@@ -34,24 +33,20 @@ def test_synthetic_batch_is_a_masked_irra_batch():
     assert torch.equal(ids, train_common.synthetic_batch(4, (32, 16), num_classes=7, seed=3)["caption_ids"])
 
 
-def _tiny_irra() -> IRRA:
-    cfg = CLIPConfig(
-        embed_dim=32,
-        vision=CLIPVisionCfg(patch_size=8, width=32, layers=1, heads=1),
-        text=CLIPTextCfg(context_length=77, vocab_size=49408, width=32, layers=1, heads=1),
-    )
+def _tiny_training():
+    """(model, criterion) of the tiny architecture through the benchmarks' builder, as train.py gets them."""
     torch.manual_seed(0)
-    return IRRA(CLIP(cfg, (32, 16), 8), num_classes=7, loss_names=("sdm", "mlm", "id"), cmt_depth=1)
+    return train_common.build_training(get_args(train_common.project_argv("tiny", 2)), num_classes=7)
 
 
 def test_train_step_times_each_phase_and_updates_the_weights():
-    model = _tiny_irra()
-    batch = train_common.synthetic_batch(4, (32, 16), num_classes=7)
+    model, criterion = _tiny_training()
+    batch = train_common.synthetic_batch(2, (384, 128), num_classes=7)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     before = model.classifier.weight.detach().clone()
     clock = train_common.PhaseClock()
     clock.start()
-    ret = train_common.train_step(model, batch, optimizer, clock)
+    ret = train_common.train_step(model, batch, optimizer, clock, criterion=criterion)
     assert {"sdm_loss", "mlm_loss", "id_loss"} <= set(ret)
     assert list(clock.wall) == ["forward", "backward", "optimizer"] and all(t >= 0 for t in clock.wall.values())
     assert not torch.equal(model.classifier.weight, before)
@@ -84,9 +79,9 @@ def test_flop_counter_counts_cpu_flash_attention():
 
 
 def test_count_flops_clears_the_gradients():
-    model = _tiny_irra()
-    batch = train_common.synthetic_batch(2, (32, 16), num_classes=7)
-    assert train_throughput.count_flops(model, batch, contextlib.nullcontext) > 0
+    model, criterion = _tiny_training()
+    batch = train_common.synthetic_batch(2, (384, 128), num_classes=7)
+    assert train_throughput.count_flops(model, batch, contextlib.nullcontext, criterion) > 0
     assert all(p.grad is None for p in model.parameters())
 
 
