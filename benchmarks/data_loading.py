@@ -36,11 +36,19 @@ import tempfile
 import time
 
 import torch
+import torchvision.transforms as T
+from torch.utils.data import DataLoader, RandomSampler
+from torchvision.io import ImageReadMode, decode_jpeg, read_file
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from train_common import ROOT, median  # noqa: E402
+BENCHMARKS = os.path.dirname(os.path.abspath(__file__))
+sys.path[:0] = [BENCHMARKS, os.path.dirname(BENCHMARKS)]  # this folder's modules, then this checkout's packages
 
-sys.path.insert(0, ROOT)
+import datasets.bases as bases  # noqa: E402
+from datasets.bases import read_image  # noqa: E402  (PIL's reader, kept before any swap)
+from datasets.build import build_dataset  # noqa: E402
+from datasets.synthetic import write_synthetic  # noqa: E402
+from datasets.transforms import CLIP_MEAN, CLIP_STD, build_transforms  # noqa: E402
+from train_common import median  # noqa: E402
 
 DECODERS = ("pil", "decode_jpeg")
 
@@ -70,17 +78,11 @@ def parse_args(argv=None) -> argparse.Namespace:
 # ----------------------------------------------------------------------------------- the two pipelines
 def decode_jpeg_reader(path: str) -> torch.Tensor:
     """The JPEG at ``path`` as a uint8 RGB tensor [3, H, W] (torchvision.io.decode_jpeg)."""
-    from torchvision.io import ImageReadMode, decode_jpeg, read_file
-
     return decode_jpeg(read_file(path), mode=ImageReadMode.RGB)
 
 
 def tensor_transforms(img_size: tuple[int, int], aug: bool, is_train: bool):
     """``build_transforms`` for uint8 tensors: geometry on uint8, then to float, normalise (and erase)."""
-    import torchvision.transforms as T
-
-    from datasets.transforms import CLIP_MEAN, CLIP_STD
-
     height, width = img_size
     steps = [T.Resize((height, width), antialias=True)]
     if is_train:
@@ -95,10 +97,6 @@ def tensor_transforms(img_size: tuple[int, int], aug: bool, is_train: bool):
 
 def build_train_set(root: str, decoder: str, img_size=(384, 128)):
     """IRRA's MLM training set over ``root``/CUHK-PEDES read with ``decoder``."""
-    import datasets.bases as bases
-    from datasets.build import build_dataset
-    from datasets.transforms import build_transforms
-
     if decoder == "decode_jpeg":
         bases.read_image = decode_jpeg_reader  # this benchmark process (and its forked workers) only
         transform = tensor_transforms(img_size, aug=True, is_train=True)
@@ -125,8 +123,6 @@ def per_worker_rate(dataset, items: int) -> tuple[float, float]:
 
 def loader_rate(dataset, workers: int, batch_size: int, batches: int) -> tuple[float, None]:
     """Items per second of a shuffled DataLoader with ``workers`` processes, after one warm-up batch."""
-    from torch.utils.data import DataLoader, RandomSampler
-
     sampler = RandomSampler(dataset, replacement=True, num_samples=batch_size * (batches + 1),
                             generator=torch.Generator().manual_seed(0))
     loader = DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=workers)
@@ -163,10 +159,6 @@ def launch(args: argparse.Namespace, decoder: str, kind: str, out: str) -> tuple
 
 def pipeline_difference(root: str) -> tuple[float, float]:
     """Mean and max |PIL - decode_jpeg| of IRRA's deterministic test transform over a few images (normalised units)."""
-    from datasets.bases import read_image
-    from datasets.build import build_dataset
-    from datasets.transforms import build_transforms
-
     samples = build_dataset("CUHK-PEDES", root).train[:16]
     pil = build_transforms((384, 128), is_train=False)
     tensor = tensor_transforms((384, 128), aug=False, is_train=False)
@@ -180,8 +172,6 @@ def main(argv=None) -> int:
         with open(args.out, "w") as handle:
             json.dump({"rate": run_worker(args)}, handle)
         return 0
-    from datasets.synthetic import write_synthetic
-
     with tempfile.TemporaryDirectory(prefix="data_loading_") as folder:
         if not args.root_dir:
             args.root_dir = os.path.join(folder, "data")

@@ -1,12 +1,15 @@
-"""What the training benchmarks share: the training step, a per-phase clock and a synthetic batch.
+"""What the training benchmarks share: the training step, a per-phase clock and the worker's step loop.
 
 :func:`train_step` is the one place that says what a training step is (as ``processor.train_one_epoch``
 runs it); adapt it there when the model / criterion interface changes. Nothing here imports this project's
-packages at module level, so a benchmark worker can put another checkout first on ``sys.path``.
+packages: the worker scripts (``train_project.py``, ``irra_reference.py``) run with whichever checkout
+their ``PYTHONPATH`` names.
 """
 from __future__ import annotations
 
+import argparse
 import contextlib
+import json
 import os
 import resource
 import sys
@@ -14,6 +17,7 @@ import time
 from typing import Callable, ContextManager, Mapping, Sequence
 
 import torch
+from torch.profiler import ProfilerActivity, profile
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -84,61 +88,12 @@ def train_step(model, batch: Mapping[str, torch.Tensor], optimizer, clock: Phase
     return ret
 
 
-def build_training(args, num_classes: int):
-    """``(model, criterion)`` from the training options with this project's builders, as ``train.py`` gets them.
-
-    ``criterion`` is None for a checkout whose model computes its losses itself (no ``build_criterion``).
-    With ``--precision fp16`` the weights are cast to half here (a no-op where the builder did it already).
-    """
-    import model as model_package
-    from model.clip_model import convert_weights_to_fp16
-
-    model = model_package.build_model(args, num_classes)
-    build_criterion = getattr(model_package, "build_criterion", None)
-    criterion = build_criterion(args) if build_criterion is not None else None
-    if args.precision == "fp16":
-        convert_weights_to_fp16(model)
-    return model, criterion
-
-
 def project_argv(arch: str, batch_size: int, precision: str = "fp32", device: str = "cpu",
                  extra: Sequence[str] = ()) -> list[str]:
     """train.py's command line for IRRA (sdm+mlm+id, 384x128, stride 16) on ``arch`` from scratch."""
     return ["--pretrain_choice", arch, "--from_scratch", "--loss_names", LOSS_NAMES, "--MLM",
             "--batch_size", str(batch_size), "--img_size", "384", "128", "--stride_size", "16",
             "--precision", precision, "--device", device, *extra]
-
-
-def synthetic_batch(batch_size: int, img_size: tuple[int, int], num_classes: int, seed: int = 0,
-                    text_length: int = 77, vocab_size: int = 49408) -> dict[str, torch.Tensor]:
-    """A training batch as IRRA's MLM loader yields it, with random images and token ids.
-
-    ``images`` [B, 3, H, W] standard normal; ``caption_ids`` [B, L]: sot, 20-60 random word ids, eot, zero
-    padding, then masked as the loader does it (15% of the words; ``caption_ids`` is the masked caption, as in
-    IRRA); ``mlm_ids`` equals ``caption_ids``; ``mlm_labels`` [B, L] the original ids at masked positions;
-    ``pids`` [B] random identities in ``[0, num_classes)``.
-    """
-    from datasets.bases import EOT_TOKEN_ID, MASK_TOKEN_ID, SOT_TOKEN_ID, MaskingConfig, mask_tokens
-
-    gen = torch.Generator().manual_seed(seed)
-    caption_ids, mlm_labels = [], []
-    masking = MaskingConfig(mask_token_id=MASK_TOKEN_ID)
-    for _ in range(batch_size):
-        words = int(torch.randint(20, 61, (1,), generator=gen))
-        ids = torch.zeros(text_length, dtype=torch.long)
-        ids[0], ids[words + 1] = SOT_TOKEN_ID, EOT_TOKEN_ID
-        ids[1:words + 1] = torch.randint(1, min(MASK_TOKEN_ID, vocab_size), (words,), generator=gen)
-        masked, labels = mask_tokens(ids, masking, gen)
-        caption_ids.append(masked)
-        mlm_labels.append(labels)
-    caption_ids = torch.stack(caption_ids)
-    return {
-        "images": torch.randn(batch_size, 3, *img_size, generator=gen),
-        "caption_ids": caption_ids,
-        "mlm_ids": caption_ids,
-        "mlm_labels": torch.stack(mlm_labels),
-        "pids": torch.randint(0, num_classes, (batch_size,), generator=gen),
-    }
 
 
 def peak_rss_mib() -> float:
@@ -161,3 +116,55 @@ def median(values: Sequence[float]) -> float:
     ordered = sorted(values)
     mid = len(ordered) // 2
     return ordered[mid] if len(ordered) % 2 else (ordered[mid - 1] + ordered[mid]) / 2
+
+
+# ---------------------------------------------------------------------- the workers of train_step.py
+def worker_parser(description: str, variants: Sequence[str]) -> argparse.ArgumentParser:
+    """Options of a train_step.py worker: what to build (``--variant``), from which inputs, how many steps."""
+    p = argparse.ArgumentParser(description=description)
+    p.add_argument("--variant", choices=tuple(variants), required=True)
+    p.add_argument("--inputs", required=True, help="weights, batch and options written by train_step.py")
+    p.add_argument("--out", required=True, help="JSON of step times, or with --check a .pt of losses and gradients")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--steps", type=int, default=3)
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--check", action="store_true")
+    p.add_argument("--profile", action="store_true")
+    return p
+
+
+def run_steps(model, optimizer, step: Callable, batch: Mapping[str, torch.Tensor], opts: argparse.Namespace,
+              context: ContextManager | None = None) -> None:
+    """Run a worker's steps inside ``context`` and write ``opts.out``.
+
+    ``step(model, batch, optimizer, clock)`` is one training step returning the loss terms. With
+    ``opts.check``: one step, then the losses, every gradient and every updated parameter go to ``opts.out``
+    (torch.save). Otherwise: ``opts.warmup`` untimed and ``opts.steps`` timed steps (wall and CPU seconds per
+    phase), optionally one more under the profiler, and the peak RSS, as JSON.
+    """
+    model.train()
+    clock = PhaseClock()
+    result: dict = {"wall": [], "cpu": []}
+    with context or contextlib.nullcontext():
+        if opts.check:
+            clock.start()
+            ret = step(model, batch, optimizer, clock)  # the step's gradients stay on the parameters
+            torch.save({"losses": {k: float(v) for k, v in ret.items() if k.endswith("_loss")},
+                        "grads": {n: p.grad for n, p in model.named_parameters() if p.grad is not None},
+                        "params": dict(model.named_parameters())}, opts.out)
+            return
+        for index in range(opts.warmup + opts.steps):
+            clock.start()
+            step(model, batch, optimizer, clock)
+            if index >= opts.warmup:
+                result["wall"].append(dict(clock.wall))
+                result["cpu"].append(dict(clock.cpu))
+        if opts.profile:
+            with profile(activities=[ProfilerActivity.CPU]) as prof:
+                clock.start()
+                step(model, batch, optimizer, clock)
+            result["profile"] = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15,
+                                                          max_name_column_width=60)
+    result["peak_rss_mib"] = peak_rss_mib()
+    with open(opts.out, "w") as handle:
+        json.dump(result, handle)

@@ -9,16 +9,16 @@ weights on the same batch, in float32 on the CPU, each in a fresh subprocess:
   hyper-parameters): what a fused optimizer step would add;
 * ``before``     — another checkout of this project (``--before_dir``), e.g. the commit before a change;
 * ``reference``  — IRRA's official code (``--reference_dir``, github.com/anosorae/IRRA), built with its own
-  ``IRRA(args)`` and ``build_optimizer``, stepped as its ``do_train`` does. Shims applied at run time only:
-  the CLIP weights reach its loader as a state-dict file, its fp16 cast (``convert_weights``) is skipped to
-  train fp32 like the others, and the features it casts to half for the ID classifier are cast back to the
-  classifier's dtype by a forward pre-hook (their fp16 rounding stays).
+  ``IRRA(args)`` and ``build_optimizer``, stepped as its ``do_train`` does, with the run-time shims listed
+  in ``irra_reference.py`` (its files are not touched).
 
-Each worker runs ``--warmup`` untimed steps, then ``--steps`` timed ones (forward, backward, optimizer; wall
-and CPU time); ``--rounds`` repeats the whole sequence of workers so load changes on a shared machine hit
-every variant. The table reports medians over all timed steps of the wall time and of the process's CPU
-time (all its threads); "cores used" is their ratio: about ``--threads`` when the variant had its cores to
-itself, less when other jobs took them, which is why the CPU-time ratios are printed beside the wall ones.
+The workers are ``train_project.py`` (this project, from the checkout its ``PYTHONPATH`` names) and
+``irra_reference.py`` (the reference). Each runs ``--warmup`` untimed steps, then ``--steps`` timed ones
+(forward, backward, optimizer; wall and CPU time); ``--rounds`` repeats the whole sequence of workers so
+load changes on a shared machine hit every variant. The table reports medians over all timed steps of the
+wall time and of the process's CPU time (all its threads); "cores used" is their ratio: about
+``--threads`` when the variant had its cores to itself, less when other jobs took them, which is why the
+CPU-time ratios are printed beside the wall ones.
 ``--check`` first runs one step per variant and compares the losses, every gradient and every updated
 parameter with ``ours-plain``; the project's variants must agree within ``1e-5 * max(1, max |value|)``
 per tensor (``before`` is expected to agree exactly).
@@ -31,23 +31,22 @@ Usage (from the repository root)::
 from __future__ import annotations
 
 import argparse
-import contextlib
-import functools
 import json
 import os
 import subprocess
 import sys
 import tempfile
 import time
-from types import SimpleNamespace
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from train_common import (  # noqa: E402
-    CUHK_CLASSES, LOSS_NAMES, ROOT, PhaseClock, build_training, median, peak_rss_mib, project_argv, synthetic_batch,
-    train_step,
-)
+BENCHMARKS = os.path.dirname(os.path.abspath(__file__))
+sys.path[:0] = [BENCHMARKS, os.path.dirname(BENCHMARKS)]  # this folder's modules, then this checkout's packages
+
+from model.kernels import fast_kernels, linear  # noqa: E402
+from train_common import CUHK_CLASSES, LOSS_NAMES, ROOT, median, project_argv  # noqa: E402
+from train_project import build_training, synthetic_batch  # noqa: E402
+from utils.options import get_args  # noqa: E402
 
 VARIANTS = ("ours", "ours-plain", "ours-fused-adam", "before", "reference")
 TOLERANCE = 1e-5
@@ -73,116 +72,22 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--omp-wait-policy", dest="omp_wait_policy", default="PASSIVE",
                    help="OMP_WAIT_POLICY of the workers ('inherit' keeps the environment's)")
-    p.add_argument("--worker", default="", help=argparse.SUPPRESS)
-    p.add_argument("--inputs", default="", help=argparse.SUPPRESS)
-    p.add_argument("--out", default="", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     chosen = [v.strip() for v in args.variants.split(",") if v.strip()]
     unknown = [v for v in chosen if v not in VARIANTS]
     if unknown:
         p.error(f"unknown variant(s) {unknown}; choose from {', '.join(VARIANTS)}")
-    if not args.worker:
-        chosen = [v for v in chosen if (v != "before" or args.before_dir) and (v != "reference" or args.reference_dir)]
-        for flag, path in (("--reference_dir", args.reference_dir), ("--before_dir", args.before_dir)):
-            if path and not os.path.isdir(os.path.join(path, "model")):
-                p.error(f"{flag} {path!r} is not a checkout (no model/ folder in it)")
+    chosen = [v for v in chosen if (v != "before" or args.before_dir) and (v != "reference" or args.reference_dir)]
+    for flag, path in (("--reference_dir", args.reference_dir), ("--before_dir", args.before_dir)):
+        if path and not os.path.isdir(os.path.join(path, "model")):
+            p.error(f"{flag} {path!r} is not a checkout (no model/ folder in it)")
     args.variant_list = chosen
     return args
-
-
-# ----------------------------------------------------------------------------------------------- workers
-def _reference_step(model, batch, optimizer, clock: PhaseClock) -> dict:
-    """IRRA's do_train step: summed "loss" outputs, zero_grad(), backward(), step()."""
-    ret = model(batch)
-    total_loss = sum(v for k, v in ret.items() if "loss" in k)
-    clock.mark("forward")
-    optimizer.zero_grad()
-    total_loss.backward()
-    clock.mark("backward")
-    optimizer.step()
-    clock.mark("optimizer")
-    return ret
-
-
-def _build_project(code_dir: str, inputs: dict, fused_adam: bool):
-    """(model, optimizer, step) of this project's checkout at ``code_dir``."""
-    sys.path.insert(0, code_dir)
-    from solver import build_optimizer
-    from utils.options import get_args
-
-    args = get_args(inputs["argv"])
-    model, criterion = build_training(args, inputs["num_classes"])
-    model.load_state_dict(inputs["state"])
-    optimizer = build_optimizer(args, model)
-    if fused_adam:
-        groups = [dict(group, fused=True, foreach=None) for group in optimizer.param_groups]
-        optimizer = type(optimizer)(groups, lr=args.lr)
-    return model, optimizer, functools.partial(train_step, criterion=criterion)
-
-
-def _build_reference(code_dir: str, inputs: dict, clip_path: str):
-    sys.path.insert(0, code_dir)
-    from model.build import IRRA  # the reference's own package
-    from solver.build import build_optimizer
-
-    args = SimpleNamespace(**inputs["reference_args"], pretrain_choice=clip_path)
-    model = IRRA(args, inputs["num_classes"])  # its build_model would also cast to fp16: skipped (fp32 run)
-    model.load_state_dict(inputs["state"])
-    model.classifier.register_forward_pre_hook(lambda module, xs: tuple(x.to(module.weight.dtype) for x in xs))
-    return model, build_optimizer(args, model)
-
-
-def run_worker(args: argparse.Namespace) -> None:
-    torch.set_num_threads(args.threads)
-    inputs = torch.load(args.inputs, weights_only=False)
-    fast = contextlib.nullcontext()
-    if args.worker == "reference":
-        model, optimizer = _build_reference(args.reference_dir, inputs, inputs["clip_path"])
-        step = _reference_step
-    else:
-        code_dir = args.before_dir if args.worker == "before" else ROOT
-        model, optimizer, step = _build_project(code_dir, inputs, fused_adam=args.worker == "ours-fused-adam")
-        if args.worker == "ours-plain":
-            from model.kernels import fast_kernels
-
-            fast = fast_kernels(False)
-    model.train()
-    batch = inputs["batch"]
-    clock = PhaseClock()
-    result = {"wall": [], "cpu": []}
-    with fast:
-        if args.check:
-            clock.start()
-            ret = step(model, batch, optimizer, clock)  # the step's gradients stay on the parameters
-            torch.save({"losses": {k: float(v) for k, v in ret.items() if k.endswith("_loss")},
-                        "grads": {n: p.grad for n, p in model.named_parameters() if p.grad is not None},
-                        "params": dict(model.named_parameters())}, args.out)
-            return
-        for index in range(args.warmup + args.steps):
-            clock.start()
-            step(model, batch, optimizer, clock)
-            if index >= args.warmup:
-                result["wall"].append(dict(clock.wall))
-                result["cpu"].append(dict(clock.cpu))
-        if args.profile:
-            from torch.profiler import ProfilerActivity, profile
-
-            with profile(activities=[ProfilerActivity.CPU]) as prof:
-                clock.start()
-                step(model, batch, optimizer, clock)
-            result["profile"] = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15,
-                                                          max_name_column_width=60)
-    result["peak_rss_mib"] = peak_rss_mib()
-    with open(args.out, "w") as handle:
-        json.dump(result, handle)
 
 
 # ------------------------------------------------------------------------------------------------ parent
 def write_inputs(args: argparse.Namespace, folder: str) -> str:
     """Random IRRA weights and one batch, shared by every worker; returns the file's path."""
-    sys.path.insert(0, ROOT)
-    from utils.options import get_args
-
     argv = project_argv(args.arch, args.batch_size)
     train_args = get_args(argv)
     torch.manual_seed(args.seed)
@@ -204,12 +109,19 @@ def write_inputs(args: argparse.Namespace, folder: str) -> str:
 
 
 def launch(args: argparse.Namespace, variant: str, inputs: str, out: str, check: bool) -> None:
-    cmd = [sys.executable, os.path.abspath(__file__), "--worker", variant, "--inputs", inputs, "--out", out,
-           "--threads", str(args.threads), "--steps", str(args.steps), "--warmup", str(args.warmup),
-           "--reference_dir", args.reference_dir, "--before_dir", args.before_dir]
+    """Run one variant's worker: ``irra_reference.py`` on the reference, ``train_project.py`` on a checkout
+    of this project, each with that checkout first on its ``PYTHONPATH``."""
+    script, code_dir = "train_project.py", ROOT
+    if variant == "reference":
+        script, code_dir = "irra_reference.py", args.reference_dir
+    elif variant == "before":
+        code_dir = args.before_dir
+    cmd = [sys.executable, os.path.join(BENCHMARKS, script), "--variant", variant, "--inputs", inputs, "--out", out,
+           "--threads", str(args.threads), "--steps", str(args.steps), "--warmup", str(args.warmup)]
     cmd += ["--check"] if check else []
     cmd += ["--profile"] if args.profile and not check else []
     env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (os.path.abspath(code_dir), env.get("PYTHONPATH", "")) if p)
     if args.omp_wait_policy != "inherit":
         env["OMP_WAIT_POLICY"] = args.omp_wait_policy
     done = subprocess.run(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -275,9 +187,6 @@ def _gflops(fn, flops: int, repeats: int) -> float:
 def gemm_rates(threads: int, repeats: int = 10) -> None:
     """GFLOP/s of the ViT-B/16 layers' products at batch 8 (1544 image tokens, 616 text tokens), forward and
     forward + backward, through ``model.kernels.linear`` with the fast kernels off (F.linear) and on (oneDNN)."""
-    sys.path.insert(0, ROOT)
-    from model.kernels import fast_kernels, linear
-
     torch.set_num_threads(threads)
     shapes = [(1544, 768, 2304), (1544, 768, 3072), (1544, 3072, 768), (616, 512, 1536), (616, 512, 2048),
               (616, 2048, 512)]
@@ -307,9 +216,6 @@ def gemm_rates(threads: int, repeats: int = 10) -> None:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    if args.worker:
-        run_worker(args)
-        return 0
     if args.gemm:
         gemm_rates(args.threads)
         return 0

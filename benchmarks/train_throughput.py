@@ -35,13 +35,19 @@ import sys
 import tempfile
 
 import torch
+from torch.utils import flop_counter
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from train_common import (  # noqa: E402
-    PHASES, ROOT, PhaseClock, build_training, loss_terms, median, peak_rss_mib, project_argv, train_step,
-)
+BENCHMARKS = os.path.dirname(os.path.abspath(__file__))
+sys.path[:0] = [BENCHMARKS, os.path.dirname(BENCHMARKS)]  # this folder's modules, then this checkout's packages
 
-sys.path.insert(0, ROOT)
+from datasets import build_dataloader  # noqa: E402
+from datasets.synthetic import write_synthetic  # noqa: E402
+from solver import build_optimizer  # noqa: E402
+from train_common import PHASES, PhaseClock, loss_terms, median, peak_rss_mib, project_argv, train_step  # noqa: E402
+from train_project import build_training  # noqa: E402
+from utils.compile import compile_problem, maybe_compile  # noqa: E402
+from utils.options import get_args  # noqa: E402
+from utils.precision import PRECISIONS, Precision, resolve_precision  # noqa: E402
 
 PRESETS = {
     "cpu": dict(device="cpu", arch="tiny", batch_size=16, precisions="fp32,amp,bf16,fp16", compile="off,on",
@@ -109,9 +115,6 @@ def parse_peaks(text: str, precisions: list[str]) -> dict[str, float]:
 # ----------------------------------------------------------------------------------------------- support
 def skip_reason(precision: str, compiled: bool, device: torch.device) -> str | None:
     """Why this pair cannot run on ``device``, or None."""
-    from utils.compile import compile_problem
-    from utils.precision import PRECISIONS
-
     if precision not in PRECISIONS:
         return f"'{precision}' is not a --precision of this checkout ({', '.join(PRECISIONS)})"
     if precision == "fp16" and device.type != "cuda":
@@ -138,10 +141,8 @@ def bf16_supported(device: torch.device) -> bool:
 # ------------------------------------------------------------------------------------------------- FLOPs
 def count_flops(model, batch, autocast, criterion=None) -> int:
     """FLOPs of one forward and backward pass (FlopCounterMode), gradients cleared afterwards."""
-    from torch.utils.flop_counter import FlopCounterMode
-
     register_cpu_flop_formulas()
-    with FlopCounterMode(display=False) as counter:
+    with flop_counter.FlopCounterMode(display=False) as counter:
         with autocast():
             _, loss = loss_terms(model, batch, criterion)
         loss.backward()
@@ -156,8 +157,7 @@ def register_cpu_flop_formulas() -> None:
     """Teach FlopCounterMode the CPU kernels it does not know: oneDNN linear, CPU flash attention."""
     if _REGISTERED:
         return
-    from torch.utils import flop_counter as fc
-
+    fc = flop_counter
     ops = torch.ops.aten
 
     @fc.register_flop_formula(torch.ops.mkldnn._linear_pointwise)
@@ -177,12 +177,6 @@ def register_cpu_flop_formulas() -> None:
 
 # ----------------------------------------------------------------------------------------------- workers
 def run_worker(args: argparse.Namespace) -> dict:
-    from datasets import build_dataloader
-    from solver import build_optimizer
-    from utils.compile import maybe_compile
-    from utils.options import get_args
-    from utils.precision import Precision, resolve_precision
-
     precision_name, compile_flag = args.worker.split(",")
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -228,8 +222,6 @@ def run_worker(args: argparse.Namespace) -> dict:
 
 def write_dataset(args: argparse.Namespace, folder: str) -> str:
     """A synthetic CUHK-PEDES with enough training captions for warm-up and timed steps; returns its root."""
-    from datasets.synthetic import write_synthetic
-
     needed = (args.warmup + args.steps + 1) * args.batch_size
     num_ids = max(60, math.ceil(needed / SAMPLES_PER_ID) + 12)
     write_synthetic(folder, "CUHK-PEDES", num_ids=num_ids, image_size=tuple(args.image_size))

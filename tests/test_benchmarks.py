@@ -11,6 +11,7 @@ from torch.utils.flop_counter import FlopCounterMode
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
 
 import train_common  # noqa: E402
+import train_project  # noqa: E402
 import train_step  # noqa: E402
 import train_throughput  # noqa: E402
 from datasets.bases import EOT_TOKEN_ID, MASK_TOKEN_ID, SOT_TOKEN_ID  # noqa: E402
@@ -19,7 +20,7 @@ from utils.options import get_args  # noqa: E402
 
 
 def test_synthetic_batch_is_a_masked_irra_batch():
-    batch = train_common.synthetic_batch(4, (32, 16), num_classes=7, seed=3)
+    batch = train_project.synthetic_batch(4, (32, 16), num_classes=7, seed=3)
     ids, labels = batch["caption_ids"], batch["mlm_labels"]
     assert batch["images"].shape == (4, 3, 32, 16) and ids.shape == labels.shape == (4, 77)
     assert batch["mlm_ids"] is ids  # IRRA's loader masks the caption in place
@@ -30,18 +31,18 @@ def test_synthetic_batch_is_a_masked_irra_batch():
         masked = label != 0
         assert masked.any() and not masked[0] and not masked[end:].any()
         assert (row[masked] == MASK_TOKEN_ID).any() and not (row[~masked] == MASK_TOKEN_ID).any()
-    assert torch.equal(ids, train_common.synthetic_batch(4, (32, 16), num_classes=7, seed=3)["caption_ids"])
+    assert torch.equal(ids, train_project.synthetic_batch(4, (32, 16), num_classes=7, seed=3)["caption_ids"])
 
 
 def _tiny_training():
     """(model, criterion) of the tiny architecture through the benchmarks' builder, as train.py gets them."""
     torch.manual_seed(0)
-    return train_common.build_training(get_args(train_common.project_argv("tiny", 2)), num_classes=7)
+    return train_project.build_training(get_args(train_common.project_argv("tiny", 2)), num_classes=7)
 
 
 def test_train_step_times_each_phase_and_updates_the_weights():
     model, criterion = _tiny_training()
-    batch = train_common.synthetic_batch(2, (384, 128), num_classes=7)
+    batch = train_project.synthetic_batch(2, (384, 128), num_classes=7)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     before = model.classifier.weight.detach().clone()
     clock = train_common.PhaseClock()
@@ -80,7 +81,7 @@ def test_flop_counter_counts_cpu_flash_attention():
 
 def test_count_flops_clears_the_gradients():
     model, criterion = _tiny_training()
-    batch = train_common.synthetic_batch(2, (384, 128), num_classes=7)
+    batch = train_project.synthetic_batch(2, (384, 128), num_classes=7)
     assert train_throughput.count_flops(model, batch, contextlib.nullcontext, criterion) > 0
     assert all(p.grad is None for p in model.parameters())
 

@@ -33,6 +33,7 @@ def compile_problem(device: torch.device) -> str | None:
     """
     if not hasattr(torch, "compile"):
         return f"torch.compile, which torch {torch.__version__} lacks"
+    # TorchDynamo is imported only here, when compilation is asked for: importing it takes seconds
     try:
         import torch._dynamo as dynamo
     except ImportError as err:  # pragma: no cover - depends on the installation
