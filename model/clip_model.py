@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from model.kernels import linear
 from model.layers import LayerNorm, MultiheadAttention, Transformer, heads_for_width
 from utils.errors import UserError
 
@@ -137,7 +138,7 @@ class VisionTransformer(nn.Module):
         cls = self.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1)
         x = torch.cat([cls, x], dim=1) + self.positional_embedding.to(x.dtype)
         x = self.transformer(self.ln_pre(x))
-        return self.ln_post(x) @ self.proj
+        return linear(self.ln_post(x), self.proj.t())  # @ proj
 
 
 class CLIP(nn.Module):
@@ -199,7 +200,7 @@ class CLIP(nn.Module):
             )
         x = self.token_embedding(ids).to(self.dtype) + self.positional_embedding[:length].to(self.dtype)
         x = self.ln_final(self.transformer(x))
-        return x @ self.text_projection
+        return linear(x, self.text_projection.t())  # @ text_projection
 
     def forward(self, images: torch.Tensor, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Returns (image tokens [B, 1 + N, E], text tokens [B, L, E])."""

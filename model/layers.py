@@ -13,7 +13,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from model.kernels import linear, quick_gelu
+
 logger = logging.getLogger(__name__)
+
+
+class Linear(nn.Linear):
+    """``nn.Linear`` (same parameters and state dict) computed by :func:`model.kernels.linear`."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return linear(x, self.weight, self.bias)
 
 
 class LayerNorm(nn.LayerNorm):
@@ -30,10 +39,10 @@ class LayerNorm(nn.LayerNorm):
 
 
 class QuickGELU(nn.Module):
-    """CLIP's GELU approximation: ``x * sigmoid(1.702 x)``."""
+    """CLIP's GELU approximation: ``x * sigmoid(1.702 x)`` (:func:`model.kernels.quick_gelu`)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x * torch.sigmoid(1.702 * x)
+        return quick_gelu(x)
 
 
 class MultiheadAttention(nn.Module):
@@ -51,7 +60,7 @@ class MultiheadAttention(nn.Module):
         self.heads = heads
         self.in_proj_weight = nn.Parameter(torch.empty(3 * width, width))
         self.in_proj_bias = nn.Parameter(torch.zeros(3 * width))
-        self.out_proj = nn.Linear(width, width)
+        self.out_proj = Linear(width, width)
         # Defaults of torch.nn.MultiheadAttention; CLIP and IRRA re-initialise the weights afterwards.
         nn.init.xavier_uniform_(self.in_proj_weight)
         nn.init.zeros_(self.out_proj.bias)
@@ -70,10 +79,10 @@ class MultiheadAttention(nn.Module):
         """
         width = self.width
         if key_value is None:
-            q, k, v = F.linear(query, self.in_proj_weight, self.in_proj_bias).chunk(3, dim=-1)
+            q, k, v = linear(query, self.in_proj_weight, self.in_proj_bias).chunk(3, dim=-1)
         else:
-            q = F.linear(query, self.in_proj_weight[:width], self.in_proj_bias[:width])
-            k, v = F.linear(key_value, self.in_proj_weight[width:], self.in_proj_bias[width:]).chunk(2, dim=-1)
+            q = linear(query, self.in_proj_weight[:width], self.in_proj_bias[:width])
+            k, v = linear(key_value, self.in_proj_weight[width:], self.in_proj_bias[width:]).chunk(2, dim=-1)
         out = F.scaled_dot_product_attention(
             self._split_heads(q), self._split_heads(k), self._split_heads(v), is_causal=is_causal
         )
@@ -90,7 +99,7 @@ class ResidualAttentionBlock(nn.Module):
         self.ln_1 = LayerNorm(width)
         self.mlp = nn.Sequential(
             OrderedDict(
-                [("c_fc", nn.Linear(width, 4 * width)), ("gelu", QuickGELU()), ("c_proj", nn.Linear(4 * width, width))]
+                [("c_fc", Linear(width, 4 * width)), ("gelu", QuickGELU()), ("c_proj", Linear(4 * width, width))]
             )
         )
         self.ln_2 = LayerNorm(width)
