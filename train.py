@@ -41,6 +41,7 @@ from processor.session import (RUN_TOKENIZER_DIR, RunContext, code_version, guar
 from solver import build_lr_scheduler, build_optimizer
 from utils.checkpoint import Checkpointer
 from utils.comm import init_distributed, run_agreed, run_on_main, shutdown, silence_lost_peers, wrap_ddp
+from utils.compile import compile_problem, maybe_compile
 from utils.entry import run_main
 from utils.errors import UserError
 from utils.logger import attach_log_file, setup_logger
@@ -67,7 +68,10 @@ class Inputs(NamedTuple):
     resume: ResumePoint | None
 
 
-def check_inputs(args: argparse.Namespace, method: Method) -> Inputs:
+def check_inputs(args: argparse.Namespace, method: Method, device) -> Inputs:
+    problem = compile_problem(device) if args.compile else None
+    if problem is not None:
+        raise UserError(f"--compile needs {problem}; install it or train without --compile.")
     dataset = load_benchmark(args)
     check_images(dataset, ("train", args.val_dataset))
     facts = run_facts(args, training_data_facts(args.dataset_name, dataset.train, dataset.dataset_dir))
@@ -87,7 +91,7 @@ def run(args) -> tuple[float, int]:
     setup_logger("IRRA", distributed_rank=env.rank, buffer=True)
 
     # Checked on every process before the run folder exists; a failure anywhere is reported once.
-    dataset, tokenizer, facts, resume = run_agreed(lambda: check_inputs(args, method))
+    dataset, tokenizer, facts, resume = run_agreed(lambda: check_inputs(args, method, env.device))
     if resume is not None and resume.finished:  # --auto_resume found a run that has nothing left to do
         logger.info("The run in %s already finished its %d epochs (best R1 %.3f at epoch %d); nothing to resume",
                     resume.run_dir or resume.path, resume.progress.epoch, resume.progress.best_top1,
@@ -117,7 +121,8 @@ def run(args) -> tuple[float, int]:
         loaders = build_dataloader(args, tokenizer, dataset=dataset, build_train_set=method.build_train_set,
                                    test_transform=test_transform, world_size=env.world_size, rank=env.rank,
                                    device=str(env.device))
-        net = prepare_model(method.build_model(args, loaders.num_classes, None, tokenizer), context)
+        net = maybe_compile(prepare_model(method.build_model(args, loaders.num_classes, None, tokenizer), context),
+                            args.compile)
         logger.info("Total params: %.2fM", sum(p.numel() for p in net.parameters()) / 1e6)
         criterion = method.build_criterion(args)
         optimizer = build_optimizer(args, net, method.lr_rules(args))

@@ -14,12 +14,13 @@ def test_disabled_returns_the_model_itself():
     assert maybe_compile(model, False) is model
 
 
-def test_enabled_wraps_the_model_without_compiling_yet(monkeypatch):
+def test_enabled_compiles_in_place_and_keeps_the_parameter_names(monkeypatch):
     monkeypatch.setattr(compile_mod, "compile_problem", lambda device: None)
     model = nn.Linear(3, 2)
+    names = list(model.state_dict())
     compiled = maybe_compile(model, True)
-    assert compiled is not model
-    assert compiled._orig_mod is model  # torch.compile's wrapper; compilation happens at the first call
+    assert compiled is model and list(compiled.state_dict()) == names  # checkpoints stay loadable
+    assert model._compiled_call_impl is not None  # nn.Module.compile: compilation happens at the first call
 
 
 def test_missing_cpp_compiler_is_one_clear_error(monkeypatch):
@@ -60,5 +61,20 @@ def test_compiled_tiny_transformer_matches_eager():
     torch.manual_seed(0)
     model = Transformer(width=32, layers=1, heads=2, causal=True)
     x = torch.randn(2, 5, 32)
+    eager = model(x)
     compiled = maybe_compile(model, True)
-    torch.testing.assert_close(compiled(x), model(x), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(compiled(x), eager, rtol=1e-5, atol=1e-5)
+
+
+def test_train_py_refuses_compile_before_making_a_run_folder(monkeypatch, tmp_path, capsys):
+    import train as train_entry
+    from datasets.synthetic import write_synthetic
+
+    monkeypatch.delenv("CXX", raising=False)
+    monkeypatch.setattr(compile_mod.shutil, "which", lambda name: None)
+    write_synthetic(str(tmp_path / "data"), "CUHK-PEDES", num_ids=8, images_per_id=2, image_size=(32, 16))
+    out = tmp_path / "logs"
+    assert train_entry.main(["--compile", "--root_dir", str(tmp_path / "data"), "--output_dir", str(out),
+                             "--pretrain_choice", "tiny", "--from_scratch", "--img_size", "32", "16",
+                             "--device", "cpu", "--num_workers", "0"]) == 2
+    assert "--compile needs a C++ compiler" in capsys.readouterr().err and not out.exists()

@@ -182,3 +182,21 @@ def test_timm_cosine_is_timms_schedule_per_epoch():
     resumed = build_lr_scheduler(args, build_optimizer(args, Named(), rules=[(("bias",), 2.0)]))
     resumed.load_state_dict(state)
     assert resumed.get_last_lr()[0] == pytest.approx(schedule.get_last_lr()[0])
+
+
+@pytest.mark.parametrize("name", ["Adam", "AdamW", "SGD"])
+def test_fused_optimizers_take_the_same_steps_to_float_rounding(name):
+    torch.manual_seed(0)
+    plain_model, fused_model = Named(), Named()
+    fused_model.load_state_dict(plain_model.state_dict())
+    plain = make_optimizer(make_param_groups(plain_model, 1e-2, 0.01, 0.0, []), name, 1e-2)
+    fused = make_optimizer(make_param_groups(fused_model, 1e-2, 0.01, 0.0, []), name, 1e-2, fused=True)
+    assert fused.defaults["fused"] is True and not plain.defaults.get("fused")
+    for _ in range(5):
+        for model, optimizer in ((plain_model, plain), (fused_model, fused)):
+            torch.manual_seed(1)
+            optimizer.zero_grad()
+            model.classifier(model.base(torch.randn(4, 2))).pow(2).sum().backward()
+            optimizer.step()
+    for (name_a, a), (_, b) in zip(plain_model.named_parameters(), fused_model.named_parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6, msg=name_a)

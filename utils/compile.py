@@ -50,7 +50,8 @@ def compile_problem(device: torch.device) -> str | None:
 
 
 def maybe_compile(model: nn.Module, enabled: bool) -> nn.Module:
-    """``torch.compile(model)`` when ``enabled`` (for the device of its parameters), else ``model`` itself.
+    """``model`` with its forward compiled by ``torch.compile`` when ``enabled`` (for the device of its
+    parameters), in place: parameter names and checkpoints stay those of the plain model. Returns ``model``.
 
     Raises:
         UserError: compilation was asked for but cannot work here (see :func:`compile_problem`).
@@ -63,4 +64,5 @@ def maybe_compile(model: nn.Module, enabled: bool) -> nn.Module:
     if problem is not None:
         raise UserError(f"--compile needs {problem}; install it or train without --compile.")
     logger.info("Compiling the model with torch.compile (Inductor) for %s", device)
-    return torch.compile(model)
+    model.compile()
+    return model

@@ -110,6 +110,9 @@ def _add_general(g: argparse._ArgumentGroup) -> None:
                    help="fp16 = IRRA's half-precision weights (auto on CUDA); amp = fp32 weights + autocast; "
                         "fp32 (auto on CPU)")
     g.add_argument("--seed", type=int, default=1, help="random seed; each process uses seed + rank")
+    g.add_argument("--compile", action="store_true",
+                   help="torch.compile the model's forward (Inductor; a C++ compiler on CPU, Triton on CUDA); "
+                        "see benchmarks/README.md for when it pays")
     g.add_argument("--eval_chunk_size", type=non_negative_int, default=0,
                    help="queries per evaluation chunk (0 = from memory)")
     g.add_argument("--test", dest="training", action="store_false", help="evaluation mode (used by test.py)")
