@@ -19,7 +19,7 @@ def build_model(args: argparse.Namespace, num_classes: int = 11003, weights: Sta
     Without ``weights`` the method builds its pretrained starting point (IRRA: ``args.pretrain_choice``, or a
     random initialisation with ``args.from_scratch``). With ``weights`` — a saved state dict in the method's
     layout — the architecture is read from them and nothing pretrained is loaded (the caller loads them).
-    Precision casts are not applied here (see :func:`processor.setup.prepare_model`).
+    Precision casts are not applied here (see :func:`processor.session.prepare_model`).
     """
     return get_method(getattr(args, "model", None)).build_model(args, num_classes, weights, tokenizer)
 

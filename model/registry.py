@@ -66,8 +66,9 @@ class Method:
         add_arguments: adds the method's own flags to its argument group (shown for every method).
         check_arguments: ``(args, losses)`` raises :class:`UserError` naming the flag; runs only when this
             method is chosen.
-        build_train_set: ``(args, samples, tokenizer, seed) -> Dataset`` replacing the default IRRA pipeline
-            (None: :func:`datasets.build.irra_train_set`). Its items should draw their randomness from the
+        build_train_set: ``(args, dataset, tokenizer, seed) -> Dataset`` replacing the default IRRA pipeline
+            (None: :func:`datasets.build.irra_train_set`); ``dataset`` is the parsed benchmark (single-language or
+            multilingual). Its items should draw their randomness from the
             global generators (torch, numpy, random): the loader seeds them per sample from ``(seed, epoch,
             index)``, which makes runs resumable exactly (:mod:`datasets.resumable`).
         build_test_transform: ``(args) -> transform`` for evaluation images (None: IRRA's).

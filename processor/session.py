@@ -2,7 +2,7 @@
 
 The parsed options are never changed. What a run learns as it starts — the device, the process layout, the
 resolved precision, its folder — lives in a :class:`RunContext`, and ``configs.yaml`` saves the options plus
-those facts (:func:`run_facts`) under IRRA's names: ``output_dir`` is the run folder, as in IRRA's configs.
+those facts (:func:`config_facts`) under IRRA's names: ``output_dir`` is the run folder, as in IRRA's configs.
 
 A run folder is made only after the input has been checked; if start-up fails anyway,
 :func:`guard_run_folder` removes a folder that this invocation made and that holds no checkpoint, so a failed
@@ -75,7 +75,7 @@ def code_version() -> str:
         return "unknown"
 
 
-def run_facts(args: argparse.Namespace, context: RunContext) -> dict:
+def config_facts(args: argparse.Namespace, context: RunContext) -> dict:
     """The entries ``configs.yaml`` holds beside the options: IRRA's ``output_dir`` (the run folder), the
     device and precision actually used, the process layout, and where the run came from."""
     return {
@@ -92,8 +92,8 @@ def run_facts(args: argparse.Namespace, context: RunContext) -> dict:
 
 
 def save_run_config(args: argparse.Namespace, context: RunContext) -> str:
-    """Write ``configs.yaml`` (options + :func:`run_facts`) into the run folder; returns its path."""
-    return save_train_configs(context.run_dir, {**vars(args), **run_facts(args, context)})
+    """Write ``configs.yaml`` (options + :func:`config_facts`) into the run folder; returns its path."""
+    return save_train_configs(context.run_dir, {**vars(args), **config_facts(args, context)})
 
 
 def make_run_dir(output_dir: str, dataset_name: str, name: str) -> str:
