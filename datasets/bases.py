@@ -92,7 +92,7 @@ def tokenize(caption: str, tokenizer, text_length: int = 77, truncate: bool = Tr
 
 def tokenize_captions(
     captions: Sequence[str], tokenizer=None, text_length: int = 77, truncate: bool = True,
-    cache_dir: Optional[str] = None,
+    cache_dir: Optional[str] = None, label: str = "captions",
 ) -> torch.Tensor:
     """Tokenise many captions at once; identical captions are encoded only once.
 
@@ -100,30 +100,50 @@ def tokenize_captions(
     tokenizer and length reads it instead of tokenising (a CUHK-PEDES-sized set takes tens of seconds to
     tokenise). The file is written atomically; a damaged or foreign file is rebuilt.
 
+    How many captions were cut at ``text_length`` is logged, naming them by ``label`` (e.g. "training
+    captions"): a warning when it is 1% or more (UFine6926's ~81-word captions), else an info line.
+
     Returns:
         ``LongTensor[len(captions), text_length]``.
     """
     tokenizer = _as_tokenizer(tokenizer)
     path = caption_cache_path(cache_dir, captions, tokenizer, text_length, truncate) if cache_dir else None
     if path is not None:
-        table = _read_caption_cache(path, len(captions), text_length)
-        if table is not None:
+        cached = _read_caption_cache(path, len(captions), text_length)
+        if cached is not None:
             logger.info("Read %d tokenised captions from the cache %s", len(captions), path)
-            return table
+            _report_cut(cached[1], len(captions), text_length, label)
+            return cached[0]
     rows: dict[str, torch.Tensor] = {}
+    cut_captions: set[str] = set()
     out = torch.empty(len(captions), text_length, dtype=torch.long)
+    cut = 0
     for i, caption in enumerate(captions):
         row = rows.get(caption)
         if row is None:
             row = rows[caption] = encode_caption(caption, tokenizer, text_length, truncate)
+            # a row without padding is either cut or exactly full: only those are measured again
+            if row[-1] != tokenizer.specials.pad and len(tokenizer.encode(caption)) + 2 > text_length:
+                cut_captions.add(caption)
+        cut += caption in cut_captions
         out[i] = row
     logger.debug("Tokenised %d captions (%d distinct)", len(captions), len(rows))
+    _report_cut(cut, len(captions), text_length, label)
     if path is not None:
-        _write_caption_cache(path, out)
+        _write_caption_cache(path, out, cut)
     return out
 
 
-CAPTION_CACHE_VERSION = 1
+def _report_cut(cut: int, total: int, text_length: int, label: str) -> None:
+    if not cut:
+        return
+    share = cut / max(total, 1)
+    log = logger.warning if share >= 0.01 else logger.info
+    log("%d of %d %s (%.1f%%) are longer than %d tokens (--text_length, start and end tokens included) and are "
+        "cut to their first %d tokens", cut, total, label, 100 * share, text_length, text_length - 2)
+
+
+CAPTION_CACHE_VERSION = 2  # 2: the file holds the number of cut captions beside the id table
 
 
 def caption_cache_path(cache_dir: str, captions: Sequence[str], tokenizer: Tokenizer, text_length: int,
@@ -140,26 +160,31 @@ def caption_cache_path(cache_dir: str, captions: Sequence[str], tokenizer: Token
     return os.path.join(cache_dir, "captions", f"{digest.hexdigest()[:32]}.pt")
 
 
-def _read_caption_cache(path: str, rows: int, text_length: int) -> Optional[torch.Tensor]:
+def _read_caption_cache(path: str, rows: int, text_length: int) -> Optional[tuple[torch.Tensor, int]]:
+    """``(id table, number of cut captions)`` from the cache file, or None when it is missing or unusable."""
     if not os.path.isfile(path):
         return None
     try:
-        table = torch.load(path, map_location="cpu", weights_only=True)
+        data = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # whatever torch raises for a damaged file: rebuild it
         logger.warning("Rebuilding the damaged caption cache %s (%s)", path, type(err).__name__)
         return None
-    if not isinstance(table, torch.Tensor) or tuple(table.shape) != (rows, text_length) or table.is_floating_point():
-        logger.warning("Rebuilding the caption cache %s: it does not hold a [%d, %d] id table", path, rows, text_length)
+    table = data.get("ids") if isinstance(data, dict) else None
+    cut = data.get("cut") if isinstance(data, dict) else None
+    if (not isinstance(table, torch.Tensor) or tuple(table.shape) != (rows, text_length)
+            or table.is_floating_point() or not isinstance(cut, int) or not 0 <= cut <= rows):
+        logger.warning("Rebuilding the caption cache %s: it does not hold a [%d, %d] id table and its count of cut "
+                       "captions", path, rows, text_length)
         return None
-    return table.long()
+    return table.long(), cut
 
 
-def _write_caption_cache(path: str, table: torch.Tensor) -> None:
+def _write_caption_cache(path: str, table: torch.Tensor, cut: int) -> None:
     tmp = f"{path}.tmp.{os.getpid()}"
     try:
         os.makedirs(os.path.dirname(path), exist_ok=True)
         small = table.to(torch.int32)  # ids of every vocabulary here fit; half the size of int64
-        torch.save(small, tmp)
+        torch.save({"ids": small, "cut": int(cut)}, tmp)
         os.replace(tmp, path)
     except OSError as err:
         logger.warning("Could not write the caption cache %s (%s); captions will be tokenised again next time",
@@ -295,7 +320,8 @@ class TextDataset(Dataset):
         if len(caption_pids) != len(captions):
             raise ValueError(f"{len(caption_pids)} caption pids but {len(captions)} captions")
         self.caption_pids = list(caption_pids)
-        self.caption_ids = tokenize_captions(captions, tokenizer, text_length, truncate, cache_dir)
+        self.caption_ids = tokenize_captions(captions, tokenizer, text_length, truncate, cache_dir,
+                                             label="evaluation captions")
 
     def __len__(self) -> int:
         return len(self.caption_pids)
@@ -339,7 +365,8 @@ class ImageTextDataset(Dataset):
         self.transform = transform
         self.masking = masking
         self.keep_caption_unmasked = keep_caption_unmasked
-        self.caption_ids = tokenize_captions([s[3] for s in self.samples], tokenizer, text_length, truncate, cache_dir)
+        self.caption_ids = tokenize_captions([s[3] for s in self.samples], tokenizer, text_length, truncate, cache_dir,
+                                             label="training captions")
 
     def __len__(self) -> int:
         return len(self.samples)

@@ -90,7 +90,7 @@ class BilingualImageTextDataset(Dataset):
         self.mask_ratio = float(mask_ratio)
         self.pad_id = tokenizer.specials.pad
         self.caption_ids = {lang: tokenize_captions([s[3][lang] for s in self.samples], tokenizer, text_length,
-                                                    cache_dir=cache_dir)
+                                                    cache_dir=cache_dir, label=f"'{lang}' training captions")
                             for lang in self.languages}
 
     def __len__(self) -> int:
