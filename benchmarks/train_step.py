@@ -3,7 +3,8 @@
 Every variant trains IRRA (sdm+mlm+id, 384x128 images, stride 16, 11,003 identities) from the same random
 weights on the same batch, in float32 on the CPU, each in a fresh subprocess:
 
-* ``ours``       — this checkout as it runs by default (fast CPU kernels, :mod:`model.kernels`);
+* ``ours``       — this checkout as it runs by default (fast CPU kernels, :mod:`model.kernels`; the oneDNN
+  linear only on CPUs that are not Intel's, see :func:`model.kernels.prefer_onednn_linear`);
 * ``ours-plain`` — this checkout inside ``fast_kernels(False)``: plain PyTorch expressions throughout;
 * ``ours-fused-adam`` — ``ours`` with the solver's Adam rebuilt as ``Adam(fused=True)`` (same groups and
   hyper-parameters): what a fused optimizer step would add;
@@ -43,7 +44,7 @@ import torch
 BENCHMARKS = os.path.dirname(os.path.abspath(__file__))
 sys.path[:0] = [BENCHMARKS, os.path.dirname(BENCHMARKS)]  # this folder's modules, then this checkout's packages
 
-from model.kernels import fast_kernels, linear  # noqa: E402
+from model.kernels import fast_kernels, linear, prefer_onednn_linear  # noqa: E402
 from train_common import CUHK_CLASSES, LOSS_NAMES, ROOT, median, project_argv  # noqa: E402
 from train_project import build_training, synthetic_batch  # noqa: E402
 from utils.options import get_args  # noqa: E402
@@ -209,7 +210,7 @@ def gemm_rates(threads: int, repeats: int = 10) -> None:
         cells = []
         for fn, passes in ((forward, 1), (forward_backward, 3)):
             for fast in (False, True):
-                with fast_kernels(fast):
+                with fast_kernels(fast), prefer_onednn_linear(True):  # oneDNN whatever the CPU's vendor
                     cells.append(f"{_gflops(fn, 2 * rows * k * n * passes, repeats):.0f}")
         print(f"| {rows} x {k} -> {n} | " + " | ".join(cells) + " |")
 

@@ -10,12 +10,13 @@ from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
 
+import eval_rank  # noqa: E402
 import train_common  # noqa: E402
 import train_project  # noqa: E402
 import train_step  # noqa: E402
 import train_throughput  # noqa: E402
 from datasets.bases import EOT_TOKEN_ID, MASK_TOKEN_ID, SOT_TOKEN_ID  # noqa: E402
-from model.kernels import fast_kernels, linear, onednn_available  # noqa: E402
+from model.kernels import fast_kernels, linear, onednn_available, prefer_onednn_linear  # noqa: E402
 from utils.options import get_args  # noqa: E402
 
 
@@ -60,7 +61,7 @@ def test_flop_counter_counts_the_onednn_linear_like_f_linear():
     weight = torch.randn(4, 5, requires_grad=True)
     counts = []
     for fast in (True, False):
-        with fast_kernels(fast), FlopCounterMode(display=False) as counter:
+        with fast_kernels(fast), prefer_onednn_linear(True), FlopCounterMode(display=False) as counter:
             linear(x, weight).sum().backward()
         counts.append(counter.get_total_flops())
     assert counts[0] == counts[1] == 3 * 2 * 6 * 5 * 4  # forward, input and weight gradients
@@ -104,3 +105,20 @@ def test_compare_reports_absolute_and_scaled_differences():
     worst_abs, worst_scaled, where = train_step.compare("grad", got, want)
     assert worst_abs == pytest.approx(0.2) and worst_scaled == pytest.approx(0.2 / 4.0) and where == "grad a"
     assert train_step.compare("loss", want, want)[:2] == (0.0, 0.0)
+
+
+def test_rank_benchmark_tells_tie_order_from_disagreement():
+    def result(variant, indices="i", scores="s", r1=50.0):
+        return {"variant": variant, "R1": r1, "R5": 70.0, "R10": 80.0, "mAP": 30.0, "mINP": 5.0,
+                "indices_sha1": indices, "scores_sha1": scores}
+
+    fast = result("fast")
+    assert eval_rank._check_agreement([fast, result("baseline")]) == ([], [])
+    problems, notes = eval_rank._check_agreement([fast, result("baseline", indices="j")])
+    assert problems == [] and len(notes) == 1 and "equal scores" in notes[0]  # ties ordered by an unstable sort
+    problems, notes = eval_rank._check_agreement([fast, result("baseline", indices="j", scores="t")])
+    assert len(problems) == 1 and "scores" in problems[0] and notes == []
+    problems, _ = eval_rank._check_agreement([fast, result("reference", indices="j")])
+    assert len(problems) == 1  # the project's own variants must order ties the same way
+    problems, _ = eval_rank._check_agreement([fast, result("baseline", r1=49.0)])
+    assert problems == ["R1: fast=50.0 baseline=49.0"]

@@ -6,10 +6,46 @@ import torch.nn.functional as F
 from torch import nn
 
 from model.clip_model import CLIP, CLIPConfig, CLIPTextCfg, CLIPVisionCfg
-from model.kernels import _dense, fast_kernels, fast_kernels_enabled, linear, onednn_available, quick_gelu
+from model.kernels import (
+    _dense,
+    cpu_vendor_tunes_mkl,
+    fast_kernels,
+    fast_kernels_enabled,
+    linear,
+    onednn_available,
+    onednn_linear_preferred,
+    prefer_onednn_linear,
+    quick_gelu,
+)
 from model.layers import Linear, MultiheadAttention, QuickGELU
 
 needs_onednn = pytest.mark.skipif(not onednn_available(), reason="this torch build has no oneDNN linear kernel")
+
+
+@pytest.fixture(autouse=True)
+def onednn_linear_on_every_cpu():
+    """The comparisons below exercise the oneDNN path whatever CPU runs them (by default Intel CPUs use MKL)."""
+    with prefer_onednn_linear(True):
+        yield
+
+
+def test_the_cpu_vendor_decides_the_default_linear():
+    intel = "processor\t: 0\nvendor_id\t: GenuineIntel\ncpu family\t: 6\n"
+    amd = "processor\t: 0\nvendor_id\t: AuthenticAMD\ncpu family\t: 26\n"
+    assert cpu_vendor_tunes_mkl(intel) and not cpu_vendor_tunes_mkl(amd) and not cpu_vendor_tunes_mkl("")
+    with prefer_onednn_linear(None):
+        assert onednn_linear_preferred() == (not cpu_vendor_tunes_mkl(open("/proc/cpuinfo").read()))
+    with prefer_onednn_linear(False):
+        assert not onednn_linear_preferred()
+        x, weight = torch.randn(4, 8, requires_grad=True), torch.randn(3, 8)
+        assert linear(x, weight).grad_fn.name() == F.linear(x, weight).grad_fn.name()  # MKL's F.linear itself
+    assert onednn_linear_preferred()  # the fixture's setting is back
+
+
+@needs_onednn
+def test_the_onednn_path_is_taken_when_preferred():
+    x = torch.randn(4, 8, requires_grad=True)
+    assert "OneDNN" in linear(x, torch.randn(3, 8)).grad_fn.name()
 
 
 def _grads(fn, *tensors):
