@@ -368,7 +368,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             print(f"DISAGREEMENT on {split.name}: {problem}")
         if not problems:
             compared = [r["variant"] for r in results if args.decimals is None or r["variant"] != "baseline"]
-            print(f"{split.name}: metrics agree to {TOLERANCE} and top-10 indices are identical within "
+            top10 = "top-10 scores (indices up to the order of ties, see the note)" if notes else "top-10 indices"
+            print(f"{split.name}: metrics agree to {TOLERANCE} and {top10} are identical within "
                   + " and ".join("{" + ", ".join(g for g in group if g in compared) + "}" for group in AGREEING
                                  if any(g in compared for g in group)))
         failed |= bool(problems)

@@ -23,7 +23,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from datasets.bases import ImageDataset, ImageTextDataset, MaskingConfig, TextDataset, TrainSample
 from datasets.multilingual import MultilingualDataset, build_multilingual_dataset, language_split, parse_languages
 from datasets.pedes import DATASETS, PedesDataset, build_dataset, check_image_files
-from datasets.resumable import EpochSampler, SeededSamples, worker_init
+from datasets.resumable import EpochSampler, SeededSamples, stop_workers_at_exit, worker_init
 from datasets.sampler import RandomIdentitySampler, ShardedRandomSampler
 from datasets.transforms import build_transforms
 from utils.comm import pins_memory, synchronize
@@ -52,7 +52,7 @@ def make_loader(
 ) -> DataLoader:
     """A DataLoader in fixed (``sampler=None``) or sampler order, seeded workers that leave the stop signals to
     the main process, last batch kept."""
-    return DataLoader(
+    loader = DataLoader(
         dataset,
         batch_size=batch_size,
         sampler=sampler,
@@ -64,6 +64,7 @@ def make_loader(
         drop_last=False,
         worker_init_fn=worker_init if num_workers > 0 else None,
     )
+    return stop_workers_at_exit(loader) if num_workers > 0 else loader
 
 
 def make_eval_loaders(

@@ -18,8 +18,10 @@ workers still serving it (see :func:`worker_init`).
 """
 from __future__ import annotations
 
+import atexit
 import hashlib
 import random
+import weakref
 from collections.abc import Iterator, Sized
 from contextlib import contextmanager
 from typing import NamedTuple
@@ -124,6 +126,35 @@ class EpochSampler(Sampler[SampleKey]):
 def worker_init(worker_id: int) -> None:
     """``worker_init_fn`` of every loader: workers leave the stop signals to the main process."""
     ignore_stop_signals()
+
+
+# Loaders whose workers ignore the stop signals; see stop_workers_at_exit.
+_LOADERS_WITH_WORKERS: "weakref.WeakSet" = weakref.WeakSet()
+
+
+def stop_workers_at_exit(loader):
+    """Register ``loader`` (a ``DataLoader`` with :func:`worker_init` workers) to have its workers stopped when
+    the interpreter exits; returns it.
+
+    At exit ``multiprocessing`` sends SIGTERM to the worker processes still alive and waits for them. Workers
+    that ignore SIGTERM (:func:`worker_init`) and are kept by a loader with ``persistent_workers`` still in
+    use (a loader held by a global, a script that ends without dropping it) would make that wait endless; the
+    exit handler below asks them to finish, as deleting the loader would, before that wait.
+    """
+    _LOADERS_WITH_WORKERS.add(loader)
+    return loader
+
+
+def _stop_loader_workers() -> None:
+    for loader in list(_LOADERS_WITH_WORKERS):
+        iterator = getattr(loader, "_iterator", None)  # torch keeps a persistent loader's workers here
+        shutdown = getattr(iterator, "_shutdown_workers", None)
+        if shutdown is not None:
+            shutdown()
+
+
+# Registered after multiprocessing's own exit handler (torch imports multiprocessing first), so it runs before it.
+atexit.register(_stop_loader_workers)
 
 
 def item_generator() -> torch.Generator:

@@ -3,8 +3,8 @@
 * :func:`linear` — ``F.linear`` whose matrix products (forward, input gradient, weight gradient) run in
   oneDNN instead of the BLAS behind ``F.linear`` (MKL). Same float32 arithmetic in another summation
   order; on AVX-512 CPUs that MKL does not tune for (AMD EPYC) about twice as fast. On Intel CPUs MKL is
-  as fast or faster (measured on a Xeon with AVX-512: oneDNN's forward + backward at 120-203 GFLOP/s
-  against MKL's 217-230), so there :func:`linear` stays ``F.linear`` (:func:`prefer_onednn_linear`).
+  as fast or faster (measured on a Xeon with AVX-512 at ViT-B/16's shapes: forward + backward 206-289 GFLOP/s
+  in MKL, 141-257 in oneDNN), so there :func:`linear` stays ``F.linear`` (:func:`prefer_onednn_linear`).
 * :func:`quick_gelu` — CLIP's ``x * sigmoid(1.702 x)`` computed as ``silu(1.702 x) / 1.702``: the same
   function (to one rounding), with one fused kernel in the backward pass instead of four.
 

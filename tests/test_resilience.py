@@ -2,6 +2,8 @@
 import os
 import random
 import signal
+import subprocess
+import sys
 import time
 
 import numpy as np
@@ -162,3 +164,19 @@ def test_sigterm_outside_the_loop_raises_stopped():
             os.kill(os.getpid(), signal.SIGTERM)
             time.sleep(1)
     assert raised.value.exit_code == 143 and signal.getsignal(signal.SIGTERM) == before
+
+
+def test_a_script_holding_a_loader_with_workers_exits(tmp_path):
+    """Workers ignore SIGTERM, which multiprocessing sends at exit: a persistent loader still alive then must not
+    keep the interpreter waiting for them forever."""
+    script = tmp_path / "hold_loader.py"
+    script.write_text(
+        "import sys\n"
+        f"sys.path.insert(0, {os.path.dirname(os.path.dirname(os.path.abspath(__file__)))!r})\n"
+        "from datasets.build import make_loader\n"
+        "loader = make_loader(list(range(64)), batch_size=8, num_workers=1, pin_memory=False, seed=0)\n"
+        "print(next(iter(loader)).tolist())\n"
+    )
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == str(list(range(8)))
