@@ -27,7 +27,7 @@ from torch.utils.data import Dataset
 
 from utils.errors import UserError
 from utils.simple_tokenizer import SimpleTokenizer
-from utils.tokenizers import ClipBpeTokenizer, Tokenizer, encode_caption
+from utils.tokenizers import ClipBpeTokenizer, Tokenizer, caption_row, caption_tokens, encode_caption
 
 logger = logging.getLogger(__name__)
 
@@ -114,19 +114,17 @@ def tokenize_captions(
             logger.info("Read %d tokenised captions from the cache %s", len(captions), path)
             _report_cut(cached[1], len(captions), text_length, label)
             return cached[0]
-    rows: dict[str, torch.Tensor] = {}
-    cut_captions: set[str] = set()
+    rows: dict[str, tuple[torch.Tensor, bool]] = {}  # distinct caption -> (its row, whether it was cut)
     out = torch.empty(len(captions), text_length, dtype=torch.long)
     cut = 0
     for i, caption in enumerate(captions):
-        row = rows.get(caption)
-        if row is None:
-            row = rows[caption] = encode_caption(caption, tokenizer, text_length, truncate)
-            # a row without padding is either cut or exactly full: only those are measured again
-            if row[-1] != tokenizer.specials.pad and len(tokenizer.encode(caption)) + 2 > text_length:
-                cut_captions.add(caption)
-        cut += caption in cut_captions
-        out[i] = row
+        known = rows.get(caption)
+        if known is None:
+            tokens = caption_tokens(caption, tokenizer)
+            known = rows[caption] = (caption_row(tokens, tokenizer, text_length, truncate, caption),
+                                     len(tokens) > text_length)
+        out[i] = known[0]
+        cut += known[1]
     logger.debug("Tokenised %d captions (%d distinct)", len(captions), len(rows))
     _report_cut(cut, len(captions), text_length, label)
     if path is not None:

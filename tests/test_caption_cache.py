@@ -18,8 +18,8 @@ def tokenizer():
 
 def count_encodes(monkeypatch):
     calls = []
-    original = bases.encode_caption
-    monkeypatch.setattr(bases, "encode_caption", lambda *a, **k: calls.append(1) or original(*a, **k))
+    original = bases.caption_tokens
+    monkeypatch.setattr(bases, "caption_tokens", lambda *a, **k: calls.append(1) or original(*a, **k))
     return calls
 
 

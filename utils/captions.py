@@ -15,7 +15,7 @@ from collections.abc import Iterable
 from typing import Optional
 
 from utils.errors import UserError
-from utils.tokenizers import Tokenizer
+from utils.tokenizers import Tokenizer, caption_tokens
 
 _TBPS_SPACED = re.compile(r"[.!\"()*#:;~]")
 _TBPS_RUNS = re.compile(r"\s{2,}")
@@ -56,6 +56,6 @@ def count_truncated_captions(captions: Iterable[str], tokenizer: Tokenizer, text
     cut = 0
     for caption in captions:
         if caption not in lengths:
-            lengths[caption] = len(tokenizer.encode(caption)) + 2
+            lengths[caption] = len(caption_tokens(caption, tokenizer))
         cut += lengths[caption] > text_length
     return cut

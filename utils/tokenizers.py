@@ -243,19 +243,23 @@ def load_hf_tokenizer(kind: str, folder: str, clean=None) -> HuggingFaceTokenize
     return HuggingFaceTokenizer(hf, kind, files=[path], clean=clean)
 
 
-def encode_caption(text: str, tokenizer: Tokenizer, length: int, truncate: bool = True) -> torch.Tensor:
-    """One caption as ``LongTensor[length]``: start, content ids, end, then padding.
+def caption_tokens(text: str, tokenizer: Tokenizer) -> list[int]:
+    """The ids of one caption, whole: start, content ids, end (its length says whether a text length cuts it)."""
+    special = tokenizer.specials
+    return [special.bos, *tokenizer.encode(text), special.eos]
 
-    A caption longer than ``length`` (start and end included) keeps its first ``length - 1`` tokens and ends
-    with the end token when ``truncate`` is true.
+
+def caption_row(tokens: list[int], tokenizer: Tokenizer, length: int, truncate: bool = True,
+                text: str = "") -> torch.Tensor:
+    """:func:`caption_tokens` as ``LongTensor[length]``: padded, or cut to its first ``length - 1`` tokens and the
+    end token when ``truncate`` is true.
 
     Raises:
-        UserError: ``length < 2``, or the caption is too long and ``truncate`` is false.
+        UserError: ``length < 2``, or the caption is too long and ``truncate`` is false (``text`` names it).
     """
     if length < 2:
         raise UserError(f"text_length must be at least 2 (start and end tokens), got {length}; fix --text_length.")
     special = tokenizer.specials
-    tokens = [special.bos, *tokenizer.encode(text), special.eos]
     if len(tokens) > length:
         if not truncate:
             raise UserError(f"Caption is {len(tokens)} tokens long (with start/end tokens) but text_length is "
@@ -265,6 +269,20 @@ def encode_caption(text: str, tokenizer: Tokenizer, length: int, truncate: bool 
     row = torch.full((length,), special.pad, dtype=torch.long)
     row[: len(tokens)] = torch.tensor(tokens, dtype=torch.long)
     return row
+
+
+def encode_caption(text: str, tokenizer: Tokenizer, length: int, truncate: bool = True) -> torch.Tensor:
+    """One caption as ``LongTensor[length]``: start, content ids, end, then padding.
+
+    A caption longer than ``length`` (start and end included) keeps its first ``length - 1`` tokens and ends
+    with the end token when ``truncate`` is true.
+
+    Raises:
+        UserError: ``length < 2``, or the caption is too long and ``truncate`` is false.
+    """
+    if length < 2:  # before the tokenizer runs
+        raise UserError(f"text_length must be at least 2 (start and end tokens), got {length}; fix --text_length.")
+    return caption_row(caption_tokens(text, tokenizer), tokenizer, length, truncate, text)
 
 
 #: File name under which :func:`train_sentencepiece` saves its model (the name XLM-R's tokenizer reads).
