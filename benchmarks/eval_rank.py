@@ -2,7 +2,9 @@
 
 Variants, each timed ``--repeats`` times (median reported) in a fresh subprocess:
 
-* ``fast``: :func:`utils.metrics.rank` on the precomputed similarity matrix (the default method);
+* ``fast``: :func:`utils.metrics.rank` on the precomputed similarity matrix (the default method and engine:
+  compiled, where numba can be imported);
+* ``fast-tensor``: the same with the fast path's tensor-operation engine (``IRRA_RANK_ENGINE=tensor``);
 * ``features``: :func:`utils.metrics.rank_features` from the features (the ``[Q, G]`` matrix is never built);
 * ``reference``: ``rank(..., method="reference")``, the library's sort-based twin;
 * ``rerank``: the fast path with a re-ranking step: a cheap synthetic re-ranker re-scores each query's top
@@ -16,7 +18,7 @@ Synthetic features with an identity structure (one centre per identity; every im
 its identity's centre plus Gaussian noise, L2-normalised) at the sizes of the three test splits. Peak memory
 is measured per process (VmHWM, reset through ``/proc/self/clear_refs`` once the inputs exist); the reported
 memory is the growth beyond the inputs (the similarity matrix, or the features for ``features``). The run
-fails if the metrics of ``fast``, ``features``, ``reference`` and ``baseline`` differ by more than 1e-4 or their
+fails if the metrics of ``fast``, ``fast-tensor``, ``features``, ``reference`` and ``baseline`` differ by more than 1e-4 or their
 top-10 indices differ, or if ``rerank`` and ``rerank-reference`` disagree likewise.
 
 Workers run with ``OMP_WAIT_POLICY=PASSIVE`` unless ``--omp-wait-policy`` says otherwise: on a shared,
@@ -51,12 +53,13 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from utils.errors import UserError  # noqa: E402
 from utils.metrics import rank, rank_features  # noqa: E402
+from utils.ranking import set_fast_engine  # noqa: E402
 
 MAX_RANK = 10
 TOLERANCE = 1e-4
-VARIANTS = ("fast", "features", "reference", "rerank", "rerank-reference", "baseline")
+VARIANTS = ("fast", "fast-tensor", "features", "reference", "rerank", "rerank-reference", "baseline")
 # Groups of variants whose metrics and top-10 indices must agree.
-AGREEING = (("fast", "features", "reference", "baseline"), ("rerank", "rerank-reference"))
+AGREEING = (("fast", "fast-tensor", "features", "reference", "baseline"), ("rerank", "rerank-reference"))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -185,6 +188,7 @@ def run_worker(variant: str, split: Split, dim: int, noise: float, seed: int, re
     else:
         method = "reference" if variant.endswith("reference") else "fast"
         rerank = synthetic_reranker(similarity) if variant.startswith("rerank") else None
+        set_fast_engine("tensor" if variant == "fast-tensor" else None)
         call = functools.partial(rank, similarity, q_pids, g_pids, MAX_RANK, chunk_size=chunk_size, method=method,
                                  rerank=rerank, rerank_topk=rerank_topk if rerank else 0)
     _reset_peak()

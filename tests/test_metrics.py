@@ -11,7 +11,19 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from utils.errors import UserError
 from utils.metrics import Evaluator, evaluate, format_results, rank, rank_features
+import utils.ranking as ranking
 from utils.ranking import METHODS, _nonzero_sparse, auto_chunk_size
+
+
+@pytest.fixture(autouse=True, params=["compiled", "tensor"])
+def engine(request):
+    """Every test runs with both engines of the fast path (tests of one engine's internals choose theirs)."""
+    previous = ranking.set_fast_engine(request.param)
+    yield request.param
+    ranking.set_fast_engine(previous)
+
+
+tensor_engine_only = pytest.mark.parametrize("engine", ["tensor"], indirect=True)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -198,6 +210,7 @@ def test_rank_does_not_depend_on_chunk_size():
             assert torch.equal(got, expected)
 
 
+@tensor_engine_only
 def test_rank_resolves_blocks_early_when_too_many_items_are_gathered(monkeypatch):
     import utils.ranking as metrics
 
@@ -769,3 +782,74 @@ def test_bad_method():
         rank(similarity, q_pids, g_pids, method="sort")
     with pytest.raises(UserError, match="rerank_topk must be an integer >= 0"):
         rank(similarity, q_pids, g_pids, rerank=TableReranker(similarity), rerank_topk=1.5)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Engines of the fast path
+# ----------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("engine", ["compiled"], indirect=True)
+def test_compiled_engine_gives_the_same_results_with_any_number_of_threads():
+    similarity, q_pids, g_pids = random_case(50, 37, 900, 12, decimals=2)
+    threads = torch.get_num_threads()
+    try:
+        results = []
+        for count in (1, 3, 5):
+            torch.set_num_threads(count)
+            results.append(rank(similarity, q_pids, g_pids, max_rank=20, chunk_size=11))
+    finally:
+        torch.set_num_threads(threads)
+    for result in results[1:]:
+        for got, expected in zip(result, results[0]):
+            assert torch.equal(got, expected)
+    assert_matches_reference(similarity, q_pids, g_pids, max_rank=20, chunk_size=11)
+
+
+@pytest.mark.parametrize("engine", ["compiled"], indirect=True)
+def test_compiled_engine_is_the_one_used_on_the_cpu(monkeypatch):
+    calls = []
+    original = ranking._rank_chunk_compiled
+    monkeypatch.setattr(ranking, "_rank_chunk_compiled", lambda *args: calls.append(1) or original(*args))
+    rank(*random_case(51, 6, 50, 4), chunk_size=4)
+    assert calls == [1, 1]
+
+
+def test_engine_from_the_environment(monkeypatch):
+    monkeypatch.setattr(ranking, "_engine_choice", None)
+    similarity, q_pids, g_pids = random_case(52, 6, 50, 4)
+    monkeypatch.setenv(ranking.ENGINE_VARIABLE, "fastest")
+    with pytest.raises(UserError, match="IRRA_RANK_ENGINE: the ranking engine must be one of auto, compiled, tensor; "
+                                        "got 'fastest'"):
+        rank(similarity, q_pids, g_pids)
+    monkeypatch.setenv(ranking.ENGINE_VARIABLE, "tensor")
+    monkeypatch.setattr(ranking, "_rank_chunk_compiled", None)  # would fail if called
+    assert_matches_reference(similarity, q_pids, g_pids)
+    with pytest.raises(UserError, match="set_fast_engine: the ranking engine must be one of"):
+        ranking.set_fast_engine("numba")
+
+
+def test_without_numba_auto_uses_tensor_operations_and_compiled_says_how_to_get_it(monkeypatch, caplog):
+    monkeypatch.setattr(ranking, "_kernel_module", None)
+    import builtins
+
+    real_import = builtins.__import__
+
+    def no_numba(name, *args, **kwargs):
+        if name == "numba" or name.startswith("numba."):
+            raise ImportError("No module named 'numba'")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_numba)
+    import sys
+
+    import utils
+
+    monkeypatch.delitem(sys.modules, "utils.rank_kernel", raising=False)  # imported again, without numba
+    monkeypatch.delattr(utils, "rank_kernel", raising=False)
+    similarity, q_pids, g_pids = random_case(53, 6, 50, 4)
+    ranking.set_fast_engine("auto")
+    with caplog.at_level(logging.INFO, logger="utils.ranking"):
+        assert_matches_reference(similarity, q_pids, g_pids)
+    assert "numba cannot be imported" in caplog.text and "pip install numba" in caplog.text
+    ranking.set_fast_engine("compiled")
+    with pytest.raises(UserError, match="the compiled ranking engine needs numba.*pip install numba"):
+        rank(similarity, q_pids, g_pids)

@@ -51,11 +51,18 @@ taken in blocks that stay in the CPU cache, and for each block:
 The cost is about ten passes over each block while it is in cache, plus work proportional to the gathered
 items; nothing of size ``[Q, G]`` is sorted or allocated, and from features (:func:`rank_features`) the
 similarity matrix is computed one chunk of queries at a time.
+
+The fast path has two engines (:data:`FAST_ENGINES`, chosen by :func:`set_fast_engine` or ``$IRRA_RANK_ENGINE``):
+the tensor operations above, which run on any device, and for similarities on the CPU the same bins in a
+compiled loop (:mod:`utils.rank_kernel`, numba) that reads each score twice instead of running a dozen tensor
+passes over it: the default where numba can be imported.
 """
 from __future__ import annotations
 
+import concurrent.futures
 import logging
 import math
+import os
 import operator
 from typing import Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple, Union
 
@@ -66,7 +73,8 @@ from utils.errors import UserError
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["DEFAULT_MEMORY_BUDGET_BYTES", "METHODS", "Reranker", "auto_chunk_size", "rank", "rank_features"]
+__all__ = ["DEFAULT_MEMORY_BUDGET_BYTES", "ENGINE_VARIABLE", "FAST_ENGINES", "METHODS", "Reranker", "auto_chunk_size", "rank",
+           "rank_features", "set_fast_engine"]
 
 #: Budget for one chunk of similarities (``rank_features``) or sorted rows (``method="reference"``), used to
 #: choose the query chunk size when ``chunk_size`` is None.
@@ -309,19 +317,17 @@ def _sorted_positives(
     return pos_scores.gather(1, order), pos_idx.gather(1, order), valid
 
 
-def _bin_keys(block: torch.Tensor, bins: int, work: _Workspace, label: str) -> torch.Tensor:
-    """Bin of every score: ``trunc((row_max - score) * scale)`` with ``scale = (bins - 1) / (row_max - row_min)``.
+def _bin_scale(block: torch.Tensor, bins: int, label: str) -> Tuple[torch.Tensor, torch.Tensor, bool]:
+    """Origin and scale of each row's bins: the bin of a score is ``trunc((high - score) * scale)``.
 
-    Each step is one correctly rounded elementwise operation, so equal scores get equal bins and, within a
-    row, ``s_i > s_j`` implies ``bin_i <= bin_j``: all the ranking relies on. Rounding keeps the product
-    within ``[0, bins - 1]``. Rows with infinite scores (or a range that overflows) use the range of their
-    finite scores and a clamp: ``+inf`` lands in bin 0 and ``-inf`` in the last bin.
+    ``scale = (bins - 1) / (high - low)`` over the row's range; rows with infinite scores (or a range that
+    overflows) use the range of their finite scores, and the bins must then be clamped to ``[0, bins - 1]``.
 
     Args:
-        block: ``[n, G]`` contiguous floating similarities.
+        block: ``[n, G]`` floating similarities.
 
     Returns:
-        ``[n, G]`` int64 bins, in a reused buffer.
+        ``(high [n], scale [n], bounded)``, in the block's dtype; ``bounded``: no clamp is needed.
     """
     high, low = block.amax(dim=1), block.amin(dim=1)
     bounded = bool(torch.isfinite(high - low).all())  # then every (high - s) * scale lies in [0, bins - 1]
@@ -333,6 +339,24 @@ def _bin_keys(block: torch.Tensor, bins: int, work: _Workspace, label: str) -> t
         low = torch.nan_to_num(block.masked_fill(~finite, float("inf")).amin(dim=1), posinf=0.0)
     scale = (bins - 1) / (high - low)
     scale = torch.where(torch.isfinite(scale) & (scale > 0), scale, 1.0)  # equal scores, or a range that overflows
+    return high, scale, bounded
+
+
+def _bin_keys(block: torch.Tensor, bins: int, work: _Workspace, label: str) -> torch.Tensor:
+    """Bin of every score, ``trunc((row_max - score) * scale)`` (:func:`_bin_scale`).
+
+    Each step is one correctly rounded elementwise operation, so equal scores get equal bins and, within a
+    row, ``s_i > s_j`` implies ``bin_i <= bin_j``: all the ranking relies on. Rounding keeps the product
+    within ``[0, bins - 1]``; rows with infinite scores are clamped: ``+inf`` lands in bin 0 and ``-inf`` in
+    the last bin.
+
+    Args:
+        block: ``[n, G]`` contiguous floating similarities.
+
+    Returns:
+        ``[n, G]`` int64 bins, in a reused buffer.
+    """
+    high, scale, bounded = _bin_scale(block, bins, label)
     spread = torch.sub(high[:, None], block, out=work.get("spread", block.shape, block.dtype)).mul_(scale[:, None])
     if not bounded:
         spread.clamp_(0, bins - 1)
@@ -526,6 +550,112 @@ def _rank_chunk_fast(
 
 
 # ----------------------------------------------------------------------------------------------------
+# The fast path's engines: compiled (numba, CPU) or tensor operations (any device)
+# ----------------------------------------------------------------------------------------------------
+#: Engines of the fast path: ``"compiled"`` (:mod:`utils.rank_kernel`, numba; similarities on the CPU),
+#: ``"tensor"`` (:func:`_rank_chunk_fast`, any device); ``"auto"`` takes the compiled one for similarities on
+#: the CPU when numba can be imported. Both give the same results.
+FAST_ENGINES = ("auto", "compiled", "tensor")
+#: Environment variable naming the engine when :func:`set_fast_engine` has not.
+ENGINE_VARIABLE = "IRRA_RANK_ENGINE"
+
+_engine_choice: Optional[str] = None
+_kernel_module = None  # utils.rank_kernel once imported; the ImportError when it cannot be
+
+
+def set_fast_engine(engine: Optional[str]) -> Optional[str]:
+    """Choose the fast path's engine, one of :data:`FAST_ENGINES` (None: ``$IRRA_RANK_ENGINE``, else
+    ``"auto"``). Returns the previous choice, to restore it."""
+    global _engine_choice
+    if engine is not None:
+        _check_engine(engine, "set_fast_engine")
+    previous, _engine_choice = _engine_choice, engine
+    return previous
+
+
+def _check_engine(engine, where: str) -> str:
+    if engine not in FAST_ENGINES:
+        raise UserError(f"{where}: the ranking engine must be one of {', '.join(FAST_ENGINES)}; got {engine!r}")
+    return engine
+
+
+def _load_kernel():
+    """:mod:`utils.rank_kernel`, or None when numba cannot be imported (said once in the log)."""
+    global _kernel_module
+    if _kernel_module is None:
+        try:
+            from utils import rank_kernel
+            _kernel_module = rank_kernel
+        except ImportError as exc:
+            _kernel_module = exc
+            logger.info("numba cannot be imported (%s): ranking on the CPU uses tensor operations, several times "
+                        "slower; `pip install numba` to speed it up", exc)
+    return None if isinstance(_kernel_module, ImportError) else _kernel_module
+
+
+def _uses_compiled(scores: torch.Tensor) -> bool:
+    """Whether the chunk ``scores`` is ranked by the compiled kernel (see :data:`FAST_ENGINES`)."""
+    engine = _engine_choice or _check_engine(os.environ.get(ENGINE_VARIABLE) or "auto", ENGINE_VARIABLE)
+    if engine == "tensor":
+        return False
+    on_cpu = scores.device.type == "cpu"
+    if engine == "auto":
+        return on_cpu and _load_kernel() is not None
+    if not on_cpu:
+        raise UserError(f"the compiled ranking engine runs on the CPU but the similarities are on {scores.device}; "
+                        f"choose the engine auto or tensor ({ENGINE_VARIABLE})")
+    if _load_kernel() is None:
+        raise UserError(f"the compiled ranking engine needs numba, which cannot be imported ({_kernel_module}); "
+                        f"`pip install numba`, or choose the engine auto or tensor ({ENGINE_VARIABLE})")
+    return True
+
+
+def _rank_chunk_compiled(
+    scores: torch.Tensor, pids: torch.Tensor, groups: _PidGroups, k: int, work: _Workspace, label: str
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """As :func:`_rank_chunk_fast` (same arguments and results), with :func:`utils.rank_kernel.rank_row_group`.
+
+    Rows are taken in blocks that stay in the CPU cache (the scale of their bins is computed first, then the
+    kernel reads the block again); each block's rows are split among ``torch.get_num_threads()`` threads.
+    """
+    kernel = _load_kernel()
+    num_rows, num_gallery = scores.shape
+    dtype = torch.promote_types(scores.dtype, torch.float32)  # float16/bfloat16 widened, exactly
+    best_scores, best_cols, valid = _sorted_positives(scores, *groups.positives(pids))
+    counts = valid.sum(dim=1)
+    bins = _num_bins(num_gallery)
+    last = torch.zeros((), dtype=dtype).numpy().dtype.type(bins - 1)  # bins - 1 in the scores' type
+    top = torch.empty((num_rows, k), dtype=torch.int64)
+    ranks = torch.empty(best_scores.shape, dtype=torch.int64)
+    threads = max(1, torch.get_num_threads())
+    pool = concurrent.futures.ThreadPoolExecutor(threads) if threads > 1 else None
+    try:
+        rows_per_block = max(threads, _BLOCK_ELEMENTS // num_gallery)
+        for start in range(0, num_rows, rows_per_block):
+            end = min(start + rows_per_block, num_rows)
+            block = scores[start:end]
+            if block.dtype != dtype or not block.is_contiguous():
+                block = work.get("block", block.shape, dtype).copy_(block)
+            high, scale, _ = _bin_scale(block, bins, label)  # (raises on NaN)
+            arguments = [t.numpy() for t in (block, high, scale)] + [last] + [
+                t[start:end].numpy() for t in (best_scores, best_cols, counts)] + [
+                k, bins, top[start:end].numpy(), ranks[start:end].numpy()]
+            size = end - start
+            if pool is None or size == 1:
+                kernel.rank_row_group(*arguments, 0, size)
+                continue
+            parts = min(threads, size)
+            bounds = [size * i // parts for i in range(parts + 1)]
+            for done in [pool.submit(kernel.rank_row_group, *arguments, first, stop)
+                         for first, stop in zip(bounds[:-1], bounds[1:])]:
+                done.result()
+    finally:
+        if pool is not None:
+            pool.shutdown()
+    return top, ranks, counts
+
+
+# ----------------------------------------------------------------------------------------------------
 # Re-ranking and metrics from ranks (fast path)
 # ----------------------------------------------------------------------------------------------------
 def _apply_rerank(top: torch.Tensor, ranks: torch.Tensor, new_scores: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -638,7 +768,8 @@ def _rank_rows(
             scores = scores.to(torch.promote_types(scores.dtype, torch.float32))
             top, first, ap, inp = _rank_chunk_by_sorting(scores, pids, g_pids, width, rescore, head)
         else:
-            top, ranks, counts = _rank_chunk_fast(scores, pids, groups, width, work, label)
+            engine = _rank_chunk_compiled if _uses_compiled(scores) else _rank_chunk_fast
+            top, ranks, counts = engine(scores, pids, groups, width, work, label)
             if rescore is not None:
                 top, ranks = _apply_rerank(top, ranks, rescore(top[:, :head]))
             first = ranks[:, 0]  # the padding rank G + 1 for rows without a correct item
