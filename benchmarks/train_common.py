@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import math
 import os
 import resource
 import sys
@@ -18,6 +19,8 @@ from typing import Callable, ContextManager, Mapping, Sequence
 
 import torch
 from torch.profiler import ProfilerActivity, profile
+from torch.utils import flop_counter
+from torch.utils.flop_counter import FlopCounterMode
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -118,6 +121,31 @@ def median(values: Sequence[float]) -> float:
     return ordered[mid] if len(ordered) % 2 else (ordered[mid - 1] + ordered[mid]) / 2
 
 
+_REGISTERED: list = []  # register_cpu_flop_formulas ran
+
+
+def register_cpu_flop_formulas() -> None:
+    """Teach FlopCounterMode the CPU kernels it does not know: oneDNN linear, CPU flash attention."""
+    if _REGISTERED:
+        return
+    fc = flop_counter
+    ops = torch.ops.aten
+
+    @fc.register_flop_formula(torch.ops.mkldnn._linear_pointwise)
+    def _onednn_linear(x_shape, w_shape, *args, out_shape=None, **kwargs) -> int:
+        return 2 * math.prod(x_shape[:-1]) * x_shape[-1] * w_shape[0]
+
+    @fc.register_flop_formula(ops._scaled_dot_product_flash_attention_for_cpu)
+    def _cpu_attention(q_shape, k_shape, v_shape, *args, out_shape=None, **kwargs) -> int:
+        return fc.sdpa_flop_count(q_shape, k_shape, v_shape)
+
+    @fc.register_flop_formula(ops._scaled_dot_product_flash_attention_for_cpu_backward)
+    def _cpu_attention_backward(grad_shape, q_shape, k_shape, v_shape, *args, out_shape=None, **kwargs) -> int:
+        return fc.sdpa_backward_flop_count(grad_shape, q_shape, k_shape, v_shape)
+
+    _REGISTERED.append(True)
+
+
 # ---------------------------------------------------------------------- the workers of train_step.py
 def worker_parser(description: str, variants: Sequence[str]) -> argparse.ArgumentParser:
     """Options of a train_step.py worker: what to build (``--variant``), from which inputs, how many steps."""
@@ -130,6 +158,7 @@ def worker_parser(description: str, variants: Sequence[str]) -> argparse.Argumen
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--check", action="store_true")
     p.add_argument("--profile", action="store_true")
+    p.add_argument("--flops", action="store_true", help="count the FLOPs of one step instead of timing steps")
     return p
 
 
@@ -138,6 +167,7 @@ def run_steps(model, optimizer, step: Callable, batch: Mapping[str, torch.Tensor
     """Run a worker's steps inside ``context`` and write ``opts.out``.
 
     ``step(model, batch, optimizer, clock)`` is one training step returning the loss terms. With
+    ``opts.flops``: one step under torch's FLOP counter, its total (GFLOP) to ``opts.out`` as JSON. With
     ``opts.check``: one step, then the losses, every gradient and every updated parameter go to ``opts.out``
     (torch.save). Otherwise: ``opts.warmup`` untimed and ``opts.steps`` timed steps (wall and CPU seconds per
     phase), optionally one more under the profiler, and the peak RSS, as JSON.
@@ -146,6 +176,14 @@ def run_steps(model, optimizer, step: Callable, batch: Mapping[str, torch.Tensor
     clock = PhaseClock()
     result: dict = {"wall": [], "cpu": []}
     with context or contextlib.nullcontext():
+        if opts.flops:  # torch's FLOP counter (matrix products, convolutions, attention) over one whole step
+            register_cpu_flop_formulas()
+            with FlopCounterMode(display=False) as counter:
+                clock.start()
+                step(model, batch, optimizer, clock)
+            with open(opts.out, "w") as handle:
+                json.dump({"gflop": counter.get_total_flops() / 1e9}, handle)
+            return
         if opts.check:
             clock.start()
             ret = step(model, batch, optimizer, clock)  # the step's gradients stay on the parameters
@@ -163,7 +201,7 @@ def run_steps(model, optimizer, step: Callable, batch: Mapping[str, torch.Tensor
             with profile(activities=[ProfilerActivity.CPU]) as prof:
                 clock.start()
                 step(model, batch, optimizer, clock)
-            result["profile"] = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15,
+            result["profile"] = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=40,
                                                           max_name_column_width=60)
     result["peak_rss_mib"] = peak_rss_mib()
     with open(opts.out, "w") as handle:

@@ -66,6 +66,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--reference_dir", default="", help="checkout of github.com/anosorae/IRRA")
     p.add_argument("--before_dir", default="", help="checkout of this project to compare with (e.g. main)")
     p.add_argument("--check", action="store_true", help="compare losses, gradients and updated weights first")
+    p.add_argument("--flops", action="store_true", help="count each variant's FLOPs per step first")
     p.add_argument("--profile", action="store_true",
                    help="after timing, profile one more step of each variant (torch.profiler, top operators)")
     p.add_argument("--gemm", action="store_true",
@@ -109,7 +110,7 @@ def write_inputs(args: argparse.Namespace, folder: str) -> str:
     return path
 
 
-def launch(args: argparse.Namespace, variant: str, inputs: str, out: str, check: bool) -> None:
+def launch(args: argparse.Namespace, variant: str, inputs: str, out: str, check: bool, flops: bool = False) -> None:
     """Run one variant's worker: ``irra_reference.py`` on the reference, ``train_project.py`` on a checkout
     of this project, each with that checkout first on its ``PYTHONPATH``."""
     script, code_dir = "train_project.py", ROOT
@@ -120,7 +121,8 @@ def launch(args: argparse.Namespace, variant: str, inputs: str, out: str, check:
     cmd = [sys.executable, os.path.join(BENCHMARKS, script), "--variant", variant, "--inputs", inputs, "--out", out,
            "--threads", str(args.threads), "--steps", str(args.steps), "--warmup", str(args.warmup)]
     cmd += ["--check"] if check else []
-    cmd += ["--profile"] if args.profile and not check else []
+    cmd += ["--flops"] if flops else []
+    cmd += ["--profile"] if args.profile and not (check or flops) else []
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(p for p in (os.path.abspath(code_dir), env.get("PYTHONPATH", "")) if p)
     if args.omp_wait_policy != "inherit":
@@ -174,6 +176,22 @@ def run_check(args: argparse.Namespace, inputs: str, folder: str) -> bool:
     return ok
 
 
+def count_flops(args: argparse.Namespace, inputs: str, folder: str) -> None:
+    """GFLOP of one training step of each variant, by torch's FLOP counter (``torch.utils.flop_counter``)."""
+    print("\nFLOPs of one step (torch.utils.flop_counter: matrix products, convolutions, attention):\n")
+    print("| variant | GFLOP per step | vs reference |")
+    print("|---|---|---|")
+    counts = {}
+    for variant in args.variant_list:
+        out = os.path.join(folder, f"flops_{variant}.json")
+        launch(args, variant, inputs, out, check=False, flops=True)
+        with open(out) as handle:
+            counts[variant] = json.load(handle)["gflop"]
+    for variant, gflop in counts.items():
+        ratio = f"{gflop / counts['reference']:.3f}" if "reference" in counts else "-"
+        print(f"| {variant} | {gflop:.1f} | {ratio} |")
+
+
 def _gflops(fn, flops: int, repeats: int) -> float:
     """GFLOP/s of ``fn`` (median of ``repeats`` calls after two untimed ones)."""
     times = []
@@ -225,6 +243,8 @@ def main(argv=None) -> int:
         if args.check and not run_check(args, inputs, folder):
             print("CHECK FAILED")
             return 1
+        if args.flops:
+            count_flops(args, inputs, folder)
         times = {v: {"wall": [], "cpu": [], "peak": 0.0} for v in args.variant_list}
         for _ in range(args.rounds):
             for variant in args.variant_list:

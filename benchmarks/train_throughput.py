@@ -43,7 +43,8 @@ sys.path[:0] = [BENCHMARKS, os.path.dirname(BENCHMARKS)]  # this folder's module
 from datasets import build_dataloader  # noqa: E402
 from datasets.synthetic import write_synthetic  # noqa: E402
 from solver import build_optimizer  # noqa: E402
-from train_common import PHASES, PhaseClock, loss_terms, median, peak_rss_mib, project_argv, train_step  # noqa: E402
+from train_common import (PHASES, PhaseClock, loss_terms, median, peak_rss_mib, project_argv,  # noqa: E402
+                          register_cpu_flop_formulas, train_step)
 from train_project import build_training  # noqa: E402
 from utils.compile import compile_problem, maybe_compile  # noqa: E402
 from utils.options import get_args  # noqa: E402
@@ -150,29 +151,6 @@ def count_flops(model, batch, autocast, criterion=None) -> int:
     return counter.get_total_flops()
 
 
-_REGISTERED = []
-
-
-def register_cpu_flop_formulas() -> None:
-    """Teach FlopCounterMode the CPU kernels it does not know: oneDNN linear, CPU flash attention."""
-    if _REGISTERED:
-        return
-    fc = flop_counter
-    ops = torch.ops.aten
-
-    @fc.register_flop_formula(torch.ops.mkldnn._linear_pointwise)
-    def _onednn_linear(x_shape, w_shape, *args, out_shape=None, **kwargs) -> int:
-        return 2 * math.prod(x_shape[:-1]) * x_shape[-1] * w_shape[0]
-
-    @fc.register_flop_formula(ops._scaled_dot_product_flash_attention_for_cpu)
-    def _cpu_attention(q_shape, k_shape, v_shape, *args, out_shape=None, **kwargs) -> int:
-        return fc.sdpa_flop_count(q_shape, k_shape, v_shape)
-
-    @fc.register_flop_formula(ops._scaled_dot_product_flash_attention_for_cpu_backward)
-    def _cpu_attention_backward(grad_shape, q_shape, k_shape, v_shape, *args, out_shape=None, **kwargs) -> int:
-        return fc.sdpa_backward_flop_count(grad_shape, q_shape, k_shape, v_shape)
-
-    _REGISTERED.append(True)
 
 
 # ----------------------------------------------------------------------------------------------- workers

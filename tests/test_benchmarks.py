@@ -87,6 +87,23 @@ def test_count_flops_clears_the_gradients():
     assert all(p.grad is None for p in model.parameters())
 
 
+def test_worker_flops_option_counts_one_whole_step(tmp_path):
+    import argparse
+    import functools
+    import json
+
+    model, criterion = _tiny_training()
+    batch = train_project.synthetic_batch(2, (384, 128), num_classes=7)
+    expected = train_throughput.count_flops(model, batch, contextlib.nullcontext, criterion)  # forward + backward
+    opts = argparse.Namespace(flops=True, check=False, profile=False, warmup=0, steps=1, out=str(tmp_path / "f.json"))
+    before = model.classifier.weight.detach().clone()
+    step = functools.partial(train_common.train_step, criterion=criterion)
+    train_common.run_steps(model, torch.optim.SGD(model.parameters(), lr=0.1), step, batch, opts)
+    with open(opts.out) as handle:
+        assert json.load(handle) == {"gflop": pytest.approx(expected / 1e9)}  # the SGD step adds no counted FLOPs
+    assert not torch.equal(model.classifier.weight, before)  # a real step ran
+
+
 def test_parse_peaks_and_skip_reasons():
     assert train_throughput.parse_peaks("", ["fp32"]) == {}
     assert train_throughput.parse_peaks("989", ["fp16", "amp"]) == {"fp16": 989.0, "amp": 989.0}

@@ -130,7 +130,7 @@ def rank_row_group(scores, high, scale, last, best_scores, best_cols, counts, k,
     """
     num_gallery = scores.shape[1]
     width = best_scores.shape[1]
-    row_bins = np.empty(num_gallery, np.uint32)
+    row_bins = np.empty(num_gallery, np.uint16)
     hist = np.zeros((2, bins), np.int32)
     first_slot = np.full(bins, -1, np.int64)
     top_s = np.empty(num_gallery, scores.dtype)

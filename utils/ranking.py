@@ -560,7 +560,7 @@ FAST_ENGINES = ("auto", "compiled", "tensor")
 ENGINE_VARIABLE = "IRRA_RANK_ENGINE"
 
 _engine_choice: Optional[str] = None
-_kernel_module = None  # utils.rank_kernel once imported; the ImportError when it cannot be
+_kernel_module = None  # utils.rank_kernel once imported; the exception when it cannot be
 
 
 def set_fast_engine(engine: Optional[str]) -> Optional[str]:
@@ -586,11 +586,11 @@ def _load_kernel():
         try:
             from utils import rank_kernel
             _kernel_module = rank_kernel
-        except ImportError as exc:
+        except Exception as exc:  # ImportError; numba also raises RuntimeError where it has nowhere to cache
             _kernel_module = exc
             logger.info("numba cannot be imported (%s): ranking on the CPU uses tensor operations, several times "
                         "slower; `pip install numba` to speed it up", exc)
-    return None if isinstance(_kernel_module, ImportError) else _kernel_module
+    return None if isinstance(_kernel_module, Exception) else _kernel_module
 
 
 def _uses_compiled(scores: torch.Tensor) -> bool:
