@@ -584,7 +584,7 @@ def _load_kernel():
     global _kernel_module
     if _kernel_module is None:
         try:
-            from utils import rank_kernel
+            from utils import rank_kernel  # deferred: importing numba costs ~0.5 s and 57 MiB, paid at first use
             _kernel_module = rank_kernel
         except Exception as exc:  # ImportError; numba also raises RuntimeError where it has nowhere to cache
             _kernel_module = exc
