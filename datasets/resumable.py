@@ -128,29 +128,43 @@ def worker_init(worker_id: int) -> None:
     ignore_stop_signals()
 
 
-# Loaders whose workers ignore the stop signals; see stop_workers_at_exit.
-_LOADERS_WITH_WORKERS: "weakref.WeakSet" = weakref.WeakSet()
+# Live iterators of loaders whose workers ignore the stop signals, and those workers; see stop_workers_at_exit.
+_ITERATORS_WITH_WORKERS: "weakref.WeakSet" = weakref.WeakSet()
+_WORKER_PROCESSES: "weakref.WeakSet" = weakref.WeakSet()
 
 
 def stop_workers_at_exit(loader):
-    """Register ``loader`` (a ``DataLoader`` with :func:`worker_init` workers) to have its workers stopped when
-    the interpreter exits; returns it.
+    """Have the workers of every iterator of ``loader`` (a ``DataLoader`` with :func:`worker_init` workers)
+    stopped when the interpreter exits; returns the loader.
 
-    At exit ``multiprocessing`` sends SIGTERM to the worker processes still alive and waits for them. Workers
-    that ignore SIGTERM (:func:`worker_init`) and are kept by a loader with ``persistent_workers`` still in
-    use (a loader held by a global, a script that ends without dropping it) would make that wait endless; the
-    exit handler below asks them to finish, as deleting the loader would, before that wait.
+    At exit ``multiprocessing`` sends SIGTERM to the worker processes still alive and waits for them, and
+    workers ignore SIGTERM (:func:`worker_init`). Two ways to be left with workers then: an iterator still alive
+    (a persistent loader's), and an iterator finalised by the garbage collector together with its queues (the
+    traceback of an epoch that failed holds the loader in a reference cycle): its last message to the workers
+    never leaves, and they wait for it. The exit handler below asks live iterators to stop their workers, as
+    deleting them would, and kills workers still running after that: they only read data.
     """
-    _LOADERS_WITH_WORKERS.add(loader)
+    make_iterator = loader._get_iterator  # what DataLoader.__iter__ calls for each new iterator
+
+    def tracked_iterator():
+        iterator = make_iterator()
+        _ITERATORS_WITH_WORKERS.add(iterator)
+        _WORKER_PROCESSES.update(getattr(iterator, "_workers", ()))
+        return iterator
+
+    loader._get_iterator = tracked_iterator
     return loader
 
 
 def _stop_loader_workers() -> None:
-    for loader in list(_LOADERS_WITH_WORKERS):
-        iterator = getattr(loader, "_iterator", None)  # torch keeps a persistent loader's workers here
-        shutdown = getattr(iterator, "_shutdown_workers", None)
+    for iterator in list(_ITERATORS_WITH_WORKERS):
+        shutdown = getattr(iterator, "_shutdown_workers", None)  # what the iterator's __del__ calls
         if shutdown is not None:
             shutdown()
+    for process in list(_WORKER_PROCESSES):
+        if process.is_alive():
+            process.kill()
+            process.join(timeout=10)
 
 
 # Registered after multiprocessing's own exit handler (torch imports multiprocessing first), so it runs before it.
