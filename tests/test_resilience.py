@@ -166,64 +166,43 @@ def test_sigterm_outside_the_loop_raises_stopped():
     assert raised.value.exit_code == 143 and signal.getsignal(signal.SIGTERM) == before
 
 
+def run_loader_script(tmp_path, *lines):
+    """stdout lines of a script that makes a loader with one worker (``loader``) and runs ``lines``; fails
+    the test if the script does not exit."""
+    script = tmp_path / "loader_script.py"
+    script.write_text("\n".join([
+        "import gc, multiprocessing, sys",
+        f"sys.path.insert(0, {os.path.dirname(os.path.dirname(os.path.abspath(__file__)))!r})",
+        "from datasets.build import make_loader",
+        "loader = make_loader(list(range(64)), batch_size=8, num_workers=1, pin_memory=False, seed=0)",
+        *lines,
+    ]) + "\n")
+    try:
+        done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
+    except subprocess.TimeoutExpired:
+        pytest.fail("the script did not exit: its loader workers were left running")
+    assert done.returncode == 0, done.stderr
+    return done.stdout.splitlines()
+
+
 def test_a_script_holding_a_loader_with_workers_exits(tmp_path):
     """Workers ignore SIGTERM, which multiprocessing sends at exit: a persistent loader still alive then must not
     keep the interpreter waiting for them forever."""
-    script = tmp_path / "hold_loader.py"
-    script.write_text(
-        "import sys\n"
-        f"sys.path.insert(0, {os.path.dirname(os.path.dirname(os.path.abspath(__file__)))!r})\n"
-        "from datasets.build import make_loader\n"
-        "loader = make_loader(list(range(64)), batch_size=8, num_workers=1, pin_memory=False, seed=0)\n"
-        "print(next(iter(loader)).tolist())\n"
-    )
-    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
-    assert done.returncode == 0, done.stderr
-    assert done.stdout.strip() == str(list(range(8)))
+    assert run_loader_script(tmp_path, "print(next(iter(loader)).tolist())") == [str(list(range(8)))]
+
+
+def test_a_script_holding_only_an_iterator_of_a_dropped_loader_exits(tmp_path):
+    """The iterator (and its workers) can outlive its loader: it must not keep the interpreter waiting either."""
+    lines = run_loader_script(tmp_path, "batches = iter(loader)", "print(next(batches).tolist())", "del loader")
+    assert lines == [str(list(range(8)))]
 
 
 def test_a_script_whose_loader_was_collected_in_a_reference_cycle_exits(tmp_path):
     """Finalised by the garbage collector together with its queues, an iterator cannot reach its workers (they
     stay, waiting): as after an epoch that failed, whose traceback held the loader in a cycle."""
-    script = tmp_path / "collected_loader.py"
-    script.write_text(
-        "import gc, multiprocessing, sys\n"
-        f"sys.path.insert(0, {os.path.dirname(os.path.dirname(os.path.abspath(__file__)))!r})\n"
-        "from datasets.build import make_loader\n"
-        "loader = make_loader(list(range(64)), batch_size=8, num_workers=1, pin_memory=False, seed=0)\n"
-        "batches = iter(loader)\n"
-        "print(next(batches).tolist())\n"
-        "cycle = [loader, batches]\n"
-        "cycle.append(cycle)\n"
-        "del loader, batches, cycle\n"
-        "gc.collect()\n"
-        "print(sum(p.is_alive() for p in multiprocessing.active_children()))\n"
-    )
-    try:
-        done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
-    except subprocess.TimeoutExpired:
-        pytest.fail("the script did not exit: its loader workers were left running")
-    assert done.returncode == 0, done.stderr
+    lines = run_loader_script(
+        tmp_path, "batches = iter(loader)", "print(next(batches).tolist())", "cycle = [loader, batches]",
+        "cycle.append(cycle)", "del loader, batches, cycle", "gc.collect()",
+        "print(sum(p.is_alive() for p in multiprocessing.active_children()))")
     # the worker outlived its collected iterator (the case above), and the script still ended
-    assert done.stdout.splitlines() == [str(list(range(8))), "1"]
-
-
-def test_a_script_holding_only_an_iterator_of_a_dropped_loader_exits(tmp_path):
-    """The iterator (and its workers) can outlive its loader, e.g. kept by the traceback of an epoch that failed:
-    it must not keep the interpreter waiting either."""
-    script = tmp_path / "hold_iterator.py"
-    script.write_text(
-        "import sys\n"
-        f"sys.path.insert(0, {os.path.dirname(os.path.dirname(os.path.abspath(__file__)))!r})\n"
-        "from datasets.build import make_loader\n"
-        "loader = make_loader(list(range(64)), batch_size=8, num_workers=1, pin_memory=False, seed=0)\n"
-        "batches = iter(loader)\n"
-        "print(next(batches).tolist())\n"
-        "del loader\n"
-    )
-    try:
-        done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
-    except subprocess.TimeoutExpired:
-        pytest.fail("the script did not exit: its loader workers were left running")
-    assert done.returncode == 0, done.stderr
-    assert done.stdout.strip() == str(list(range(8)))
+    assert lines == [str(list(range(8))), "1"]
