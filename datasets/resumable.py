@@ -144,10 +144,11 @@ def stop_workers_at_exit(loader):
     never leaves, and they wait for it. The exit handler below asks live iterators to stop their workers, as
     deleting them would, and kills workers still running after that: they only read data.
     """
-    make_iterator = loader._get_iterator  # what DataLoader.__iter__ calls for each new iterator
+    owner = weakref.ref(loader)  # (a strong reference here would keep every loader in a reference cycle)
 
     def tracked_iterator():
-        iterator = make_iterator()
+        this = owner()
+        iterator = type(this)._get_iterator(this)  # what DataLoader.__iter__ calls for each new iterator
         _ITERATORS_WITH_WORKERS.add(iterator)
         _WORKER_PROCESSES.update(getattr(iterator, "_workers", ()))
         return iterator

@@ -185,6 +185,30 @@ def run_loader_script(tmp_path, *lines):
     return done.stdout.splitlines()
 
 
+def test_a_loader_with_workers_is_freed_as_soon_as_it_is_dropped():
+    """Not left to the garbage collector, which would finalise its iterator with the queues it needs to stop
+    the workers (each then waits out torch's 5 s join timeout, and stays)."""
+    import gc
+    import weakref
+
+    from datasets.build import make_loader
+
+    loader = make_loader(list(range(64)), batch_size=8, num_workers=1, pin_memory=False, seed=0)
+    batches = iter(loader)
+    assert next(batches).tolist() == list(range(8))
+    workers = list(batches._workers)
+    dropped = weakref.ref(loader)
+    gc.disable()
+    try:
+        del loader, batches
+        assert dropped() is None
+    finally:
+        gc.enable()
+    for worker in workers:
+        worker.join(timeout=5)
+        assert not worker.is_alive()
+
+
 def test_a_script_holding_a_loader_with_workers_exits(tmp_path):
     """Workers ignore SIGTERM, which multiprocessing sends at exit: a persistent loader still alive then must not
     keep the interpreter waiting for them forever."""
