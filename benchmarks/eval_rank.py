@@ -18,8 +18,8 @@ Synthetic features with an identity structure (one centre per identity; every im
 its identity's centre plus Gaussian noise, L2-normalised) at the sizes of the three test splits. Peak memory
 is measured per process (VmHWM, reset through ``/proc/self/clear_refs`` once the inputs exist); the reported
 memory is the growth beyond the inputs (the similarity matrix, or the features for ``features``). The run
-fails if the metrics of ``fast``, ``fast-tensor``, ``features``, ``reference`` and ``baseline`` differ by more than 1e-4 or their
-top-10 indices differ, or if ``rerank`` and ``rerank-reference`` disagree likewise.
+fails if the metrics of ``fast``, ``fast-tensor``, ``features``, ``reference`` and ``baseline`` differ by more
+than 1e-4 or their top-10 indices differ, or if ``rerank`` and ``rerank-reference`` disagree likewise.
 
 Workers run with ``OMP_WAIT_POLICY=PASSIVE`` unless ``--omp-wait-policy`` says otherwise: on a shared,
 oversubscribed machine, spinning OpenMP threads otherwise waste most of the time of every variant.
