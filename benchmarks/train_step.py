@@ -176,7 +176,7 @@ def run_check(args: argparse.Namespace, inputs: str, folder: str) -> bool:
     return ok
 
 
-def count_flops(args: argparse.Namespace, inputs: str, folder: str) -> None:
+def flops_per_variant(args: argparse.Namespace, inputs: str, folder: str) -> None:
     """GFLOP of one training step of each variant, by torch's FLOP counter (``torch.utils.flop_counter``)."""
     print("\nFLOPs of one step (torch.utils.flop_counter: matrix products, convolutions, attention):\n")
     print("| variant | GFLOP per step | vs reference |")
@@ -244,7 +244,7 @@ def main(argv=None) -> int:
             print("CHECK FAILED")
             return 1
         if args.flops:
-            count_flops(args, inputs, folder)
+            flops_per_variant(args, inputs, folder)
         times = {v: {"wall": [], "cpu": [], "peak": 0.0} for v in args.variant_list}
         for _ in range(args.rounds):
             for variant in args.variant_list:

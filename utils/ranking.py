@@ -64,7 +64,7 @@ import logging
 import math
 import os
 import operator
-from typing import Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple, Union
+from typing import Callable, Dict, Iterator, List, NamedTuple, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -511,6 +511,18 @@ def _ranks_of_correct(
     return top, ranks.masked_fill_(~valid, num_gallery + 1)
 
 
+def _blocks(scores: torch.Tensor, rows_per_block: int, work: _Workspace) -> Iterator[Tuple[int, int, torch.Tensor]]:
+    """``(start, end, block)`` for consecutive blocks of rows of ``scores``: each block contiguous and widened
+    to at least float32 (exactly), copied into a reused buffer when it is not already so."""
+    dtype = torch.promote_types(scores.dtype, torch.float32)
+    for start in range(0, scores.shape[0], rows_per_block):
+        end = min(start + rows_per_block, scores.shape[0])
+        block = scores[start:end]
+        if block.dtype != dtype or not block.is_contiguous():
+            block = work.get("block", block.shape, dtype).copy_(block)
+        yield start, end, block
+
+
 def _rank_chunk_fast(
     scores: torch.Tensor, pids: torch.Tensor, groups: _PidGroups, k: int, work: _Workspace, label: str
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -525,17 +537,12 @@ def _rank_chunk_fast(
         of row ``r``'s correct items, the rest ``G + 1``.
     """
     num_rows, num_gallery = scores.shape
-    dtype = torch.promote_types(scores.dtype, torch.float32)  # float16/bfloat16 widened, exactly
     best_scores, best_cols, valid = _sorted_positives(scores, *groups.positives(pids))
     counts = valid.sum(dim=1)
     bins = _num_bins(num_gallery)
     rows_per_block = max(1, _BLOCK_ELEMENTS // num_gallery)
     tops, ranks, scans, starts, gathered, done = [], [], [], [], 0, 0
-    for start in range(0, num_rows, rows_per_block):
-        end = min(start + rows_per_block, num_rows)
-        block = scores[start:end]
-        if block.dtype != dtype or not block.is_contiguous():
-            block = work.get("block", block.shape, dtype).copy_(block)
+    for start, end, block in _blocks(scores, rows_per_block, work):
         scans.append(_scan_block(block, best_cols[start:end], valid[start:end], k, bins, work, label))
         starts.append(start - done)
         gathered += scans[-1].flat.numel()
@@ -593,16 +600,16 @@ def _load_kernel():
     return None if isinstance(_kernel_module, Exception) else _kernel_module
 
 
-def _uses_compiled(scores: torch.Tensor) -> bool:
-    """Whether the chunk ``scores`` is ranked by the compiled kernel (see :data:`FAST_ENGINES`)."""
+def _uses_compiled(device: torch.device) -> bool:
+    """Whether similarities on ``device`` are ranked by the compiled kernel (see :data:`FAST_ENGINES`)."""
     engine = _engine_choice or _check_engine(os.environ.get(ENGINE_VARIABLE) or "auto", ENGINE_VARIABLE)
     if engine == "tensor":
         return False
-    on_cpu = scores.device.type == "cpu"
+    on_cpu = device.type == "cpu"
     if engine == "auto":
         return on_cpu and _load_kernel() is not None
     if not on_cpu:
-        raise UserError(f"the compiled ranking engine runs on the CPU but the similarities are on {scores.device}; "
+        raise UserError(f"the compiled ranking engine runs on the CPU but the similarities are on {device}; "
                         f"choose the engine auto or tensor ({ENGINE_VARIABLE})")
     if _load_kernel() is None:
         raise UserError(f"the compiled ranking engine needs numba, which cannot be imported ({_kernel_module}); "
@@ -620,22 +627,17 @@ def _rank_chunk_compiled(
     """
     kernel = _load_kernel()
     num_rows, num_gallery = scores.shape
-    dtype = torch.promote_types(scores.dtype, torch.float32)  # float16/bfloat16 widened, exactly
-    best_scores, best_cols, valid = _sorted_positives(scores, *groups.positives(pids))
+    best_scores, best_cols, valid = _sorted_positives(scores, *groups.positives(pids))  # in the blocks' dtype
     counts = valid.sum(dim=1)
     bins = _num_bins(num_gallery)
-    last = torch.zeros((), dtype=dtype).numpy().dtype.type(bins - 1)  # bins - 1 in the scores' type
+    last = best_scores.numpy().dtype.type(bins - 1)  # bins - 1 in the scores' type
     top = torch.empty((num_rows, k), dtype=torch.int64)
     ranks = torch.empty(best_scores.shape, dtype=torch.int64)
     threads = max(1, torch.get_num_threads())
     pool = concurrent.futures.ThreadPoolExecutor(threads) if threads > 1 else None
     try:
         rows_per_block = max(threads, _BLOCK_ELEMENTS // num_gallery)
-        for start in range(0, num_rows, rows_per_block):
-            end = min(start + rows_per_block, num_rows)
-            block = scores[start:end]
-            if block.dtype != dtype or not block.is_contiguous():
-                block = work.get("block", block.shape, dtype).copy_(block)
+        for start, end, block in _blocks(scores, rows_per_block, work):
             high, scale, _ = _bin_scale(block, bins, label)  # (raises on NaN)
             arguments = [t.numpy() for t in (block, high, scale)] + [last] + [
                 t[start:end].numpy() for t in (best_scores, best_cols, counts)] + [
@@ -754,6 +756,7 @@ def _rank_rows(
     width = min(max(max_rank, head), num_gallery)  # first-stage items needed per query
     rows_per_chunk = chunk_size or auto_chunk_size(num_gallery, int(num_correct.max()), _BYTES_PER_SCORE[method])
     device = q_pids.device
+    fast_chunk = (_rank_chunk_compiled if _uses_compiled(device) else _rank_chunk_fast) if method == "fast" else None
     first_hits, top_indices = [], []
     ap_sum = torch.zeros((), dtype=torch.float64, device=device)
     inp_sum = torch.zeros((), dtype=torch.float64, device=device)
@@ -768,8 +771,7 @@ def _rank_rows(
             scores = scores.to(torch.promote_types(scores.dtype, torch.float32))
             top, first, ap, inp = _rank_chunk_by_sorting(scores, pids, g_pids, width, rescore, head)
         else:
-            engine = _rank_chunk_compiled if _uses_compiled(scores) else _rank_chunk_fast
-            top, ranks, counts = engine(scores, pids, groups, width, work, label)
+            top, ranks, counts = fast_chunk(scores, pids, groups, width, work, label)
             if rescore is not None:
                 top, ranks = _apply_rerank(top, ranks, rescore(top[:, :head]))
             first = ranks[:, 0]  # the padding rank G + 1 for rows without a correct item

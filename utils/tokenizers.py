@@ -280,8 +280,6 @@ def encode_caption(text: str, tokenizer: Tokenizer, length: int, truncate: bool 
     Raises:
         UserError: ``length < 2``, or the caption is too long and ``truncate`` is false.
     """
-    if length < 2:  # before the tokenizer runs
-        raise UserError(f"text_length must be at least 2 (start and end tokens), got {length}; fix --text_length.")
     return caption_row(caption_tokens(text, tokenizer), tokenizer, length, truncate, text)
 
 
